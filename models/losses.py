@@ -1,0 +1,72 @@
+"""VAE training losses: reconstruction, KL, PatchGAN hinge, LDM's adaptive GAN weight.
+
+Normalisation. LDM sums the reconstruction over pixels and the KL over latent elements (both
+per image) with KL weight 1e-6. We average the reconstruction over pixel values instead (so
+the loss and learning rate do not depend on crop size) and scale the summed KL by the same
+1 / (3 * H * W): `kl_weight` keeps LDM's meaning, 1e-6 here equals LDM's 1e-6.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, mse: float = 0.0) -> torch.Tensor:
+    """Mean per pixel value; x, y are (N, 3, H, W) in [-1, 1]."""
+    x, y = x.float(), y.float()
+    loss = x.new_zeros(())
+    if l1:
+        loss = loss + l1 * (x - y).abs().mean()
+    if mse:
+        loss = loss + mse * F.mse_loss(x, y)
+    return loss
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, pixels_per_image: int) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latent elements, averaged over the batch, divided by
+    the number of pixel values per image (see module docstring)."""
+    mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean() / pixels_per_image
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming-transformers' NLayerDiscriminator layout): 70x70 receptive field
+    at 3 layers; GroupNorm instead of BatchNorm so it behaves the same with any batch size."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        width = channels
+        for i in range(1, layers + 1):
+            nxt = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(width, nxt, 4, stride, 1, bias=False), nn.GroupNorm(32, nxt), nn.LeakyReLU(0.2, True)]
+            width = nxt
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.float().mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """LDM's balance: ||d rec / d W_last|| / ||d g / d W_last||, W_last = decoder.conv_out.weight."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()

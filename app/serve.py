@@ -1,0 +1,76 @@
+"""`vae serve`: load the models, then run the HTTP service with uvicorn.
+
+Every option has a `VAE_*` environment variable (see app.settings); options given here win.
+With no model named anywhere, the shipped default model (models/default) is served when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from app.settings import Settings
+from models.loading import DEFAULT_MODEL_DIR, ModelLoadError
+
+NO_MODEL = (
+    "vae serve: error: no model to serve. Name one with --model NAME=PATH (a diffusers folder, "
+    "a single-file .safetensors checkpoint or a hub id; repeat for several, the first is the default) "
+    "or VAE_MODELS=NAME=PATH; the shipped default model ({path}) is not installed."
+)
+
+
+def build_parser(defaults: Settings) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae serve", description="Serve VAE models over HTTP (/encode, /decode, /roundtrip).")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="model to serve (repeatable; the first is the default). Env: VAE_MODELS")
+    p.add_argument("--config", default=defaults.config, help="config folder for single-file checkpoints. Env: VAE_CONFIG")
+    p.add_argument("--host", default=defaults.host, help=f"bind address (default {defaults.host}). Env: VAE_HOST")
+    p.add_argument("--port", type=int, default=defaults.port, help=f"port (default {defaults.port}). Env: VAE_PORT")
+    p.add_argument("--device", default=defaults.device, help="cpu | cuda | cuda:N. Env: VAE_DEVICE")
+    p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (float16 needs cuda). Env: VAE_DTYPE")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per-image pixel limit. Env: VAE_MAX_PIXELS")
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request size limit. Env: VAE_MAX_BODY_BYTES")
+    p.add_argument("--model-threads", type=int, default=defaults.model_threads, help="concurrent model calls. Env: VAE_MODEL_THREADS")
+    p.add_argument("--log-level", default=defaults.log_level, help="uvicorn log level. Env: VAE_LOG_LEVEL")
+    return p
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    """Environment (VAE_*) first, command line on top."""
+    env = Settings()
+    args = build_parser(env).parse_args(argv)
+    values = env.model_dump()
+    values.update({k: v for k, v in vars(args).items() if k != "model"})
+    if args.model:
+        values["models"] = args.model
+    if not values["models"] and (DEFAULT_MODEL_DIR / "config.json").is_file():
+        values["models"] = [f"default={DEFAULT_MODEL_DIR}"]
+    return Settings(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    if not settings.models:
+        print(NO_MODEL.format(path=DEFAULT_MODEL_DIR), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from app.server import ModelRegistry, create_app
+
+    try:
+        registry = ModelRegistry.from_settings(settings)
+    except ModelLoadError as exc:
+        print(f"vae serve: error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    app = create_app(settings, registry)
+    for name, model in registry.models.items():
+        print(f"vae serve: model {name!r} from {model.source} ({model.dtype}, {model.device})", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

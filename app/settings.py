@@ -1,0 +1,51 @@
+"""Service settings: every option is also a `VAE_*` environment variable (pydantic-settings).
+
+`VAE_MODELS` lists `NAME=PATH` entries, comma-separated or as a JSON list; the first is the
+default model. Command-line options of `vae serve` override the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
+
+    models: Annotated[list[str], NoDecode] = []  # "NAME=PATH" (a bare PATH is named after its folder)
+    config: str | None = None  # diffusers config folder for single-file checkpoints (default: SD kl-f8)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 needs cuda)
+    max_pixels: int = 2048 * 2048  # per image, input and output: decompression-bomb and memory guard
+    max_body_bytes: int = 64 * 1024 * 1024
+    model_threads: int = 1  # concurrent model calls; CPU inference already uses every core
+    torch_threads: int | None = None  # torch.set_num_threads when set
+    warmup: bool = True  # one tiny encode+decode per model before /readyz says ready
+    jpeg_quality: int = 95  # JPEG / WebP responses
+    log_level: str = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last path component."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    path = spec
+    stem = path.rstrip("/").split("/")[-1]
+    return (stem.rsplit(".", 1)[0] if "." in stem else stem) or "default", path

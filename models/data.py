@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from models.imaging import open_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -33,18 +35,9 @@ def list_images(folders) -> list[Path]:
 
 
 def load_rgb(path: Path, max_short_side: int | None = None) -> Image.Image:
-    """Decode with EXIF orientation applied and convert to RGB (greyscale / CMYK / alpha too).
-
-    `max_short_side` downsizes large photos once at load, which bounds the per-crop work.
-    """
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            canvas = Image.new("RGB", im.size, (255, 255, 255))
-            canvas.paste(im, mask=im.getchannel("A"))
-            im = canvas
-        im = im.convert("RGB")
+    """Decode to 8-bit RGB (models.imaging: EXIF orientation, greyscale / CMYK / alpha handled) and
+    optionally downsize once so the short side is at most `max_short_side` (bounds per-crop work)."""
+    im = open_image(path, max_pixels=1 << 30)  # trusted local training files: no bomb limit
     if max_short_side and min(im.size) > max_short_side:
         scale = max_short_side / min(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)

@@ -66,6 +66,7 @@ def parse_args(argv):
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
+    p.add_argument("--stop-at", type=int, default=0, help="stop (after a checkpoint) at this step; resume later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     return p.parse_args(argv)
@@ -76,9 +77,9 @@ def build_model(args):
     from diffusers import AutoencoderKL
 
     if args.init:
-        from models.loading import load_autoencoder  # weights from a folder or single file
+        from models.loading import load_weights  # a diffusers folder or an LDM single file
 
-        return load_autoencoder(args.init)
+        return load_weights(args.init).vae.requires_grad_(True)
     if args.config:
         return AutoencoderKL.from_config(json.loads(Path(args.config).read_text()))
     return AutoencoderKL(**preset_config(args.preset))
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = state["args"]
         # The run's recipe comes from the checkpoint; only length/logging may change on resume.
-        keep = {"steps", "max_minutes", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
+        keep = {"steps", "max_minutes", "stop_at", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
         args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in keep}, "resume": True})
     else:
         if ckpt_path.exists():
@@ -261,7 +262,10 @@ def main(argv=None) -> int:
                                      accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         # own generator: creating the iterator must not draw from the
+                                         # global RNG, or a resumed run's sampling noise would shift
+                                         generator=torch.Generator().manual_seed(args.seed))
     batches = iter(loader)
 
     metrics_path = out / "metrics.csv"
@@ -366,11 +370,11 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=row["loss"], psnr=row["psnr"], img_s=f"{rate:.1f}",
                             **({"val": row["val_psnr"]} if row["val_psnr"] else {}))
 
-        out_of_time = args.max_minutes and (time.time() - t_start) > args.max_minutes * 60
-        if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
+        pause = (args.max_minutes and (time.time() - t_start) > args.max_minutes * 60) or step == args.stop_at
+        if step % args.checkpoint_every == 0 or step == args.steps or pause:
             checkpoint()
-        if out_of_time:
-            bar.write(f"stopping at step {step}: --max-minutes {args.max_minutes} reached (resume with --resume)")
+        if pause:
+            bar.write(f"pausing at step {step} (--max-minutes / --stop-at); continue with --resume")
             break
     bar.close()
     export(final=True)

@@ -1,0 +1,57 @@
+"""Metrics and `vae eval` on real images."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.evaluate import main as eval_main
+from models.evaluate import resize_center_crop
+from models.metrics import mean_psnr, psnr, ssim
+
+
+def test_identical_images_give_infinite_psnr_and_ssim_one(kodak_dir):
+    img = np.asarray(Image.open(kodak_dir / "kodim01.png").convert("RGB"))
+    assert psnr(img, img) == math.inf
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert mean_psnr([math.inf, 30.0]) == pytest.approx(65.0)  # capped at 100 dB, stays finite
+
+
+def test_psnr_matches_its_definition_and_ssim_drops_with_noise(kodak_dir):
+    img = np.asarray(Image.open(kodak_dir / "kodim05.png").convert("RGB"))[:256, :256]
+    shifted = np.clip(img.astype(int) + 4, 0, 255).astype(np.uint8)
+    mse = np.mean((shifted.astype(float) - img) ** 2)
+    assert psnr(img, shifted) == pytest.approx(10 * math.log10(255**2 / mse))
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 25, img.shape), 0, 255).astype(np.uint8)
+    assert 0.2 < ssim(img, noisy) < ssim(img, shifted) < 1.0
+    with pytest.raises(ValueError):
+        psnr(img, img[:100])
+
+
+def test_resize_center_crop_is_square_and_centred():
+    im = Image.new("RGB", (640, 480))
+    out = resize_center_crop(im, 256)
+    assert out.size == (256, 256)
+
+
+def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, kodak_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--size", "64", "--limit", "3",
+                      "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["images"] == 3 and 0 < rows[0]["psnr"] < 40 and -1 <= rows[0]["ssim"] <= 1
+    assert rows[0]["latent_std"] > 0 and rows[0]["suggested_scaling_factor"] == pytest.approx(
+        1 / rows[0]["latent_std"], rel=1e-2)
+    assert "| psnr |" in out.with_suffix(".md").read_text()
+    # full-size mode pads 768x512 to a multiple of 8 and crops back (sides already multiples of 8 here)
+    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--limit", "1"]) == 0
+    assert "full" in capsys.readouterr().out
+
+
+def test_vae_eval_reports_a_missing_model(tmp_path, kodak_dir, capsys):
+    assert eval_main([str(tmp_path / "nope"), "--data", str(kodak_dir)]) == 2
+    assert "does not exist" in capsys.readouterr().err

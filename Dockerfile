@@ -39,8 +39,10 @@ COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY models/ models/
 COPY benchmarks/ benchmarks/
+# /opt/venv/default-model: a stable path to the installed default model, for VAE_MODELS lists
+# that name it beside others (e.g. default=/opt/venv/default-model,mine=/models/mine).
 RUN pip install --no-cache-dir . \
-    && python -c "import app.cli, models; print('installed', models.__file__)"
+    && python -c "import os, app.cli, models.loading as m; os.symlink(m.DEFAULT_MODEL_DIR, '/opt/venv/default-model')"
 
 # ---------------------------------------------------------------------------------------
 # Stage 2: the runtime image; no build context, no pip cache, no sources.
@@ -75,7 +77,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     VAE_HOST=0.0.0.0 \
     VAE_PORT=8000
 
-# More models: mount folders under /models and name them with VAE_MODELS or --model.
+# More models: mount folders under /models and name them with VAE_MODELS or --model (naming
+# any model replaces the default one unless it is listed too, as /opt/venv/default-model).
 VOLUME ["/models"]
 WORKDIR /home/vae
 # Numeric, so that Kubernetes runAsNonRoot can verify it without reading /etc/passwd.

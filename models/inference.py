@@ -124,8 +124,10 @@ class VAEModel:
         with `generator` (reproducible with a seeded generator).
         """
         x, _ = pad_to_multiple(x.float(), self.downsample_factor)
+        # Contiguous NCHW: the memory layout picks the conv kernel, and results must not depend on it.
+        x = x.to(self.device, self.dtype).contiguous()
         with torch.inference_mode():
-            z = self._encode_tensor(x.to(self.device, self.dtype), sample, generator)
+            z = self._encode_tensor(x, sample, generator)
         return z.float()
 
     def decode(self, z: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -134,7 +136,7 @@ class VAEModel:
         `size` = (H, W) crops the result back to an original image size.
         """
         with torch.inference_mode():
-            x = self._decode_tensor(z.to(self.device, self.dtype))
+            x = self._decode_tensor(z.to(self.device, self.dtype).contiguous())
         x = x.float()
         return crop_to(x, size) if size is not None else x
 

@@ -90,7 +90,7 @@ def _check_safetensors(path: Path) -> list[str]:
         raise ModelLoadError(f"corrupt weights file {path}: {exc}".replace("\n", " ")) from None
 
 
-def _check_keys(config: dict, keys, path: Path, allow_unexpected: bool = False) -> None:
+def _check_keys(config: dict, keys, path: Path, config_dir: Path, allow_unexpected: bool = False) -> None:
     """Refuse files with missing or unexpected tensors (diffusers would silently re-initialise them)."""
     from diffusers import AutoencoderKL
 
@@ -108,7 +108,7 @@ def _check_keys(config: dict, keys, path: Path, allow_unexpected: bool = False) 
             parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-        raise ModelLoadError(f"weights {path} do not match config.json: {', '.join(parts)}")
+        raise ModelLoadError(f"weights {path} do not match {config_dir / 'config.json'}: {', '.join(parts)}")
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedWeights:
@@ -127,7 +127,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedWeights:
         config = AutoencoderKL.load_config(str(folder))
     except Exception as exc:
         raise ModelLoadError(f"unreadable config {folder / 'config.json'}: {exc}".replace("\n", " ")) from None
-    _check_keys(config, _check_safetensors(weights), weights)
+    _check_keys(config, _check_safetensors(weights), weights, folder)
     try:
         vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=_torch_dtype_arg(dtype), local_files_only=True)
     except Exception as exc:
@@ -175,7 +175,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
         converted = convert_ldm_vae_checkpoint(checkpoint, model_config)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not an LDM VAE checkpoint: {exc}".replace("\n", " ")) from None
-    _check_keys(model_config, converted, path, allow_unexpected=True)
+    _check_keys(model_config, converted, path, cfg, allow_unexpected=True)
     try:
         vae = AutoencoderKL.from_single_file(
             checkpoint, config=str(cfg), torch_dtype=_torch_dtype_arg(dtype), local_files_only=True

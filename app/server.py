@@ -454,4 +454,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def list_models():
         return {"default": registry.default, "models": [m.describe() for m in registry.models.values()]}
 
+    from app.explore import install as install_explore  # late import: app.explore imports this module
+
+    install_explore(app)  # /sample, /interpolate, the web page at / and /static
     return app

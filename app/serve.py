@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from app.ray_serve import add_ray_arguments
 from app.settings import Settings
 from models.loading import DEFAULT_MODEL_DIR, ModelLoadError
 
@@ -34,6 +35,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request size limit. Env: VAE_MAX_BODY_BYTES")
     p.add_argument("--model-threads", type=int, default=defaults.model_threads, help="concurrent model calls. Env: VAE_MODEL_THREADS")
     p.add_argument("--log-level", default=defaults.log_level, help="uvicorn log level. Env: VAE_LOG_LEVEL")
+    add_ray_arguments(p)
     return p
 
 
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.models:
         print(NO_MODEL.format(path=DEFAULT_MODEL_DIR), file=sys.stderr)
         return 2
+    ray_args = build_parser(settings).parse_args(argv)
+    if ray_args.ray:  # Ray Serve: each replica loads the models itself
+        from app.ray_serve import run as run_ray
+
+        return run_ray(settings, ray_args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from app.server import ModelRegistry, create_app
 

@@ -124,6 +124,11 @@ def image_response(img, fmt: str, quality: int, headers: dict) -> Response:
     return Response(body, media_type=media, headers=headers)
 
 
+def _query(params: dict) -> dict:
+    """An endpoint's parsed query parameters (its locals minus the request)."""
+    return {k: v for k, v in params.items() if k != "request"}
+
+
 def _json(value) -> str:
     return json.dumps(value)
 
@@ -411,7 +416,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         output_dtype: str | None = Query(None, description="result dtype (float32 default)"),
         shape: list[str] = Query([], description="tensor body shape: repeated, JSON list or comma-separated"),
     ):
-        return await run(EncodeEndpoint, request, locals().copy() | {"request": None})
+        return await run(EncodeEndpoint, request, _query(locals()))
 
     @app.post("/decode", openapi_extra=_body_doc(_TENSOR_BODY), summary="latents -> image or image tensor")
     async def decode(
@@ -429,7 +434,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         dtype: str | None = None,
         shape: list[str] = Query([]),
     ):
-        return await run(DecodeEndpoint, request, locals().copy() | {"request": None})
+        return await run(DecodeEndpoint, request, _query(locals()))
 
     @app.post("/roundtrip", openapi_extra=_body_doc(_IMAGE_BODY), summary="image -> latents -> image, with PSNR/SSIM")
     async def roundtrip(
@@ -438,7 +443,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         image_format: str | None = None,
         quality: int | None = Query(None, ge=1, le=100),
     ):
-        return await run(RoundtripEndpoint, request, locals().copy() | {"request": None})
+        return await run(RoundtripEndpoint, request, _query(locals()))
 
     @app.get("/healthz")
     async def healthz():

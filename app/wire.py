@@ -75,8 +75,9 @@ def tensor_from_raw(body: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> 
         raise BadRequest(
             f"body has {len(body)} bytes but shape {list(shape)} of {dtype_name(dtype)} needs {expected}"
         )
-    array = np.frombuffer(body, dtype=_NUMPY[dtype]).astype(_NUMPY[dtype][1:] if dtype != torch.uint8 else "u1")
-    tensor = torch.from_numpy(array.copy())
+    wire_dtype = np.dtype(_NUMPY[dtype])
+    # astype to native byte order copies, so the tensor owns writable memory (frombuffer is read-only).
+    tensor = torch.from_numpy(np.frombuffer(body, dtype=wire_dtype).astype(wire_dtype.newbyteorder("=")))
     if dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16).view(torch.bfloat16)
     return tensor.reshape(shape)

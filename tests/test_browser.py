@@ -130,7 +130,12 @@ def test_explore_page(server, kodak_dir, tmp_path):
             last = _canvas(page, "frame")
             assert last.shape == first.shape and np.abs(last.astype(int) - first.astype(int)).mean() > 5
             page.evaluate("() => { const t = document.getElementById('t'); t.value = 2; t.dispatchEvent(new Event('input')); }")
-            _shot(page, tmp_path, "explore-interpolation.png")
+
+            page.select_option("#sample-size", "64")
+            page.click("#sample")
+            page.wait_for_function("document.getElementById('samples').naturalWidth > 0", timeout=60_000)
+            assert page.evaluate("document.getElementById('samples').naturalWidth") == 4 * 64  # n=4 side by side
+            _shot(page, tmp_path, "explore-interpolation.png")  # slider at t=0.5, samples below
 
             # Another model: the page re-runs the reconstruction with it.
             page.evaluate("delete document.body.dataset.recon")

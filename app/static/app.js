@@ -190,7 +190,8 @@ async function sample() {
   try {
     const response = await api("/sample", { params: { seed: $("seed").value, width: side, height: side, n: $("n").value } });
     $("samples").src = URL.createObjectURL(await response.blob());
-    status(`Samples with seeds ${response.headers.get("X-Seed")}…, left to right`);
+    const first = Number(response.headers.get("X-Seed")), n = Number(response.headers.get("X-Frames"));
+    status(`${n} samples, seeds ${first} to ${first + n - 1} left to right (sample i uses seed + i)`);
   } catch (err) {
     status(err.message, true);
   }

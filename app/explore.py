@@ -65,7 +65,7 @@ def _check_pixels(height: int, width: int, count: int, max_pixels: int) -> None:
 
 
 def _wants_tensor(accept: str | None) -> bool:
-    return wire.media_type(accept) in (*wire.TENSOR_TYPES, "tensor/binary") and "image/" not in (accept or "")
+    return wire.media_type(accept) in wire.TENSOR_TYPES and "image/" not in (accept or "")
 
 
 def _strip(frames: torch.Tensor):

@@ -77,7 +77,14 @@ def quantize_uint8(z: torch.Tensor) -> tuple[torch.Tensor, list[float], list[flo
     scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
     view = (1, -1, 1, 1)
     q = torch.round((z.float() - lo.view(view)) / scale.view(view)).clamp_(0, 255).to(torch.uint8)
-    return q, scale.tolist(), lo.tolist()
+    return q, _short_floats(scale), _short_floats(lo)
+
+
+def _short_floats(t: torch.Tensor) -> list[float]:
+    """float32 values -> the shortest decimals that read back as the same float32 (compact JSON)."""
+    import numpy as np
+
+    return [float(str(v)) for v in t.numpy().astype(np.float32)]  # numpy prints float32 shortest-unique
 
 
 def dequantize_uint8(q: torch.Tensor, scale: list[float], offset: list[float]) -> torch.Tensor:

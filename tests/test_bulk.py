@@ -325,3 +325,19 @@ def test_no_model_is_a_clear_error(photos, tmp_path, capsys):
         pytest.skip("the shipped default model is installed")
     assert main("encode", [str(photos), "--out", str(tmp_path / "x")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_codec_table_script(photos, tiny_vae_dir, tmp_path, capsys):
+    from benchmarks.codec_table import main as codec_table
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for name in ["kodim01.png", "kodim04.png"]:
+        (data / name).write_bytes((photos / name).read_bytes())
+    assert codec_table(["--model", str(tiny_vae_dir), "--data", str(data), "--json", str(tmp_path / "t.json")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 8 and "| PNG (lossless) |" in table and "| VAE latents uint8 |" in table
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert rows["VAE latents uint8"]["bytes_per_image"] < rows["VAE latents float16"]["bytes_per_image"] \
+        < rows["VAE latents float32"]["bytes_per_image"]
+    assert rows["PNG (lossless)"]["psnr"] == 100.0 and rows["JPEG q90"]["psnr"] > 30

@@ -31,6 +31,17 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p.add_argument("--device", default=defaults.device, help="cpu | cuda | cuda:N. Env: VAE_DEVICE")
     p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (float16 needs cuda). Env: VAE_DTYPE")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.compile,
+                   help="torch.compile encoder and decoder (warmed up before /readyz is ready). Env: VAE_COMPILE")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last,
+                   help="channels_last layout (default: on for bfloat16/float16, off for exact float32). Env: VAE_CHANNELS_LAST")
+    p.add_argument("--tile-threshold-pixels", type=int, default=defaults.tile_threshold_pixels,
+                   help=f"tile images over this many pixels (default {defaults.tile_threshold_pixels}; 0: only ?tiled=true). "
+                        "Env: VAE_TILE_THRESHOLD_PIXELS")
+    p.add_argument("--tile-size", type=int, default=defaults.tile_size,
+                   help=f"tile side in pixels (default {defaults.tile_size}). Env: VAE_TILE_SIZE")
+    p.add_argument("--tile-overlap", type=float, default=defaults.tile_overlap,
+                   help=f"blended fraction of a tile (default {defaults.tile_overlap}). Env: VAE_TILE_OVERLAP")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per-image pixel limit. Env: VAE_MAX_PIXELS")
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request size limit. Env: VAE_MAX_BODY_BYTES")
     p.add_argument("--model-threads", type=int, default=defaults.model_threads, help="concurrent model calls. Env: VAE_MODEL_THREADS")

@@ -53,7 +53,12 @@ class ModelRegistry:
         models = []
         for spec in settings.models:
             name, path = parse_model_spec(spec)
-            models.append(VAEModel.load(name, path, device=settings.device, dtype=settings.dtype, config=settings.config))
+            models.append(VAEModel.load(
+                name, path, device=settings.device, dtype=settings.dtype, config=settings.config,
+                channels_last=settings.channels_last, compile=settings.compile,
+                tile_threshold_pixels=settings.tile_threshold_pixels, tile_size=settings.tile_size,
+                tile_overlap=settings.tile_overlap,
+            ))
         return cls(models)
 
     def get(self, name: str | None) -> VAEModel:
@@ -146,6 +151,7 @@ class EncodeRequest:
     shift_factor: float | None
     out_dtype: torch.dtype
     accept: str | None
+    tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
 
 
 class EncodeEndpoint:
@@ -170,13 +176,13 @@ class EncodeEndpoint:
             raise Unprocessable(f"latents cannot be returned as {out_name}: use float32, float16 or bfloat16")
         return EncodeRequest(
             model, x, tuple(x.shape[-2:]), q["sample"], q["seed"],
-            q["scaling_factor"], q["shift_factor"], out_dtype, request.headers.get("accept"),
+            q["scaling_factor"], q["shift_factor"], out_dtype, request.headers.get("accept"), tiled=q["tiled"],
         )
 
     @staticmethod
     def predict(req: EncodeRequest) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(req.seed) if req.seed is not None else None
-        z = req.model.encode(req.x, sample=req.sample, generator=generator).cpu()
+        z = req.model.encode(req.x, sample=req.sample, generator=generator, tiled=req.tiled).cpu()
         return scale_latents(z, req.scaling_factor, req.shift_factor).to(req.out_dtype)
 
     @staticmethod
@@ -230,6 +236,7 @@ class DecodeRequest:
     size: tuple[int, int] | None
     accept: str | None
     quality: int
+    tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
 
 
 class DecodeEndpoint:
@@ -264,13 +271,13 @@ class DecodeEndpoint:
             raise Unprocessable(f"a batch of {z.shape[0]} latents cannot be one image: use output_type=pt")
         return DecodeRequest(
             model, z, scale, shift, q["output_type"], fmt, q["partial_postprocess"],
-            tensor_answer, size, accept, q["quality"] or settings.jpeg_quality,
+            tensor_answer, size, accept, q["quality"] or settings.jpeg_quality, tiled=q["tiled"],
         )
 
     @staticmethod
     def predict(req: DecodeRequest) -> torch.Tensor:
         z = unscale_latents(req.z, req.scaling_factor, req.shift_factor)
-        return req.model.decode(z, req.size).cpu()
+        return req.model.decode(z, req.size, tiled=req.tiled).cpu()
 
     @staticmethod
     def encode_response(x: torch.Tensor, req: DecodeRequest) -> Response:
@@ -331,6 +338,7 @@ class RoundtripRequest:
     x: torch.Tensor
     fmt: str
     quality: int
+    tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
 
 
 class RoundtripEndpoint:
@@ -341,12 +349,13 @@ class RoundtripEndpoint:
         data = await read_image_bytes(request, settings.max_body_bytes)
         img = await anyio.to_thread.run_sync(functools.partial(imaging.open_image, data, max_pixels=settings.max_pixels))
         fmt = image_format_for(q["image_format"], request.headers.get("accept"), default="png")
-        return RoundtripRequest(model, img, imaging.to_tensor(img), fmt, q["quality"] or settings.jpeg_quality)
+        return RoundtripRequest(model, img, imaging.to_tensor(img), fmt, q["quality"] or settings.jpeg_quality,
+                                tiled=q["tiled"])
 
     @staticmethod
     def predict(req: RoundtripRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        z = req.model.encode(req.x)
-        return z, req.model.decode(z, tuple(req.x.shape[-2:])).cpu()
+        z = req.model.encode(req.x, tiled=req.tiled)
+        return z, req.model.decode(z, tuple(req.x.shape[-2:]), tiled=req.tiled).cpu()
 
     @staticmethod
     def encode_response(result, req: RoundtripRequest) -> Response:
@@ -415,6 +424,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         dtype: str | None = Query(None, description="tensor body dtype; for image bodies the result dtype"),
         output_dtype: str | None = Query(None, description="result dtype (float32 default)"),
         shape: list[str] = Query([], description="tensor body shape: repeated, JSON list or comma-separated"),
+        tiled: bool | None = Query(None, description="tiled encode/decode; default: only above the server's tile threshold"),
     ):
         return await run(EncodeEndpoint, request, _query(locals()))
 
@@ -433,6 +443,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         quality: int | None = Query(None, ge=1, le=100),
         dtype: str | None = None,
         shape: list[str] = Query([]),
+        tiled: bool | None = Query(None, description="tiled encode/decode; default: only above the server's tile threshold"),
     ):
         return await run(DecodeEndpoint, request, _query(locals()))
 
@@ -442,6 +453,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         model: str | None = None,
         image_format: str | None = None,
         quality: int | None = Query(None, ge=1, le=100),
+        tiled: bool | None = Query(None, description="tiled encode/decode; default: only above the server's tile threshold"),
     ):
         return await run(RoundtripEndpoint, request, _query(locals()))
 

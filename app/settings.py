@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 needs cuda)
+    # fast path and tiling (models/inference.py; figures in benchmarks/RESULTS.md)
+    compile: bool = False  # torch.compile encoder/decoder, warmed up at 256x256 before /readyz is ready
+    channels_last: bool | None = None  # None: on for bfloat16/float16 (the fast path), off for float32 (exact)
+    tile_threshold_pixels: int = 1536 * 1536  # larger images are tiled automatically; 0: only with ?tiled=true
+    tile_size: int = 512  # tile side in image pixels (a multiple of the downsample factor)
+    tile_overlap: float = 0.25  # fraction of a tile blended with its neighbour
     max_pixels: int = 2048 * 2048  # per image, input and output: decompression-bomb and memory guard
     max_body_bytes: int = 64 * 1024 * 1024
     model_threads: int = 1  # concurrent model calls; CPU inference already uses every core

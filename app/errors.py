@@ -23,9 +23,10 @@ class APIError(Exception):
     status = 400
     type = "bad_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers  # e.g. Retry-After on 503
 
 
 class BadRequest(APIError):
@@ -48,6 +49,18 @@ class Unprocessable(APIError):
     status, type = 422, "unprocessable"
 
 
+class Unauthorized(APIError):
+    status, type = 401, "unauthorized"
+
+
+class Unavailable(APIError):
+    status, type = 503, "unavailable"  # queue full or shutting down: retry later (Retry-After)
+
+
+class DeadlineExceeded(APIError):
+    status, type = 504, "deadline_exceeded"
+
+
 def from_image_error(exc: ImageError) -> APIError:
     cls = {"unsupported": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(exc.kind, BadRequest)
     return cls(exc.message)
@@ -60,7 +73,7 @@ def error_body(type_: str, message: str) -> dict:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status)
+        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, exc: ImageError):

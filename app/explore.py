@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import wire
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, Unprocessable
+from app.ops import run_predict
 from app.server import image_format_for, image_response, read_body, validate_latents
 from models import imaging, latent_ops
 from models.inference import VAEModel, unscale_latents
@@ -46,8 +47,8 @@ async def index():
 
 
 async def _run(request: Request, predict, encode_response, req) -> Response:
-    result = await anyio.to_thread.run_sync(predict, req, limiter=request.app.state.limiter)
-    return await anyio.to_thread.run_sync(encode_response, result, req)
+    # Through the app's scheduler: bounded queue, deadline, dropped when the client leaves.
+    return await run_predict(request, predict, encode_response, req)
 
 
 def _check_size(model: VAEModel, height: int, width: int) -> None:

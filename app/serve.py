@@ -7,7 +7,6 @@ With no model named anywhere, the shipped default model (models/default) is serv
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from app.ray_serve import add_ray_arguments
@@ -46,8 +45,31 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request size limit. Env: VAE_MAX_BODY_BYTES")
     p.add_argument("--model-threads", type=int, default=defaults.model_threads, help="concurrent model calls. Env: VAE_MODEL_THREADS")
     p.add_argument("--log-level", default=defaults.log_level, help="uvicorn log level. Env: VAE_LOG_LEVEL")
+    add_hardening_arguments(p, defaults)
     add_ray_arguments(p)
     return p
+
+
+def add_hardening_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
+    """Limits, queue, batching, shutdown, logging (docs/operations.md). API keys: env only (not in `ps`)."""
+    g = p.add_argument_group("limits, queue and shutdown (docs/operations.md)")
+    g.add_argument("--max-latent-elements", type=int, default=d.max_latent_elements,
+                   help="N*C*h*w limit of latents in or out. Env: VAE_MAX_LATENT_ELEMENTS")
+    g.add_argument("--image-formats", default=",".join(d.image_formats),
+                   help="accepted upload formats, comma-separated (png,jpeg,webp). Env: VAE_IMAGE_FORMATS")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds until a request's model work must be done, else 504. Env: VAE_REQUEST_TIMEOUT")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="waiting model work before 503 + Retry-After. Env: VAE_MAX_QUEUE")
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="dynamic batching limit (default: 1 on CPU, 8 on CUDA). Env: VAE_MAX_BATCH_SIZE")
+    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long a partial batch waits for companions. Env: VAE_BATCH_WAIT_MS")
+    g.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
+                   help="on SIGTERM, time for accepted requests to finish. Env: VAE_GRACE_SECONDS")
+    g.add_argument("--cors-origins", default=",".join(d.cors_origins),
+                   help="allowed CORS origins, comma-separated (default: CORS off). Env: VAE_CORS_ORIGINS")
+    g.add_argument("--log-format", default=d.log_format, choices=["json", "text"], help="Env: VAE_LOG_FORMAT")
 
 
 def settings_from_args(argv: list[str] | None) -> Settings:
@@ -73,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         from app.ray_serve import run as run_ray
 
         return run_ray(settings, ray_args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from app.observability import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from app.server import ModelRegistry, create_app
 
     try:
@@ -81,13 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"vae serve: error: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
+    from app.shutdown import serve
 
     app = create_app(settings, registry)
     for name, model in registry.models.items():
         print(f"vae serve: model {name!r} from {model.source} ({model.dtype}, {model.device})", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-    return 0
+    return serve(app, settings)  # drains on SIGTERM, then 0
 
 
 if __name__ == "__main__":

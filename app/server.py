@@ -22,7 +22,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import wire
+from app import limits, ops, wire
 from app.errors import (
     BadRequest,
     ModelNotFound,
@@ -93,10 +93,13 @@ async def read_image_bytes(request: Request, limit: int) -> bytes:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise BadRequest("multipart form needs a file field named `image`")
-        return await upload.read()
-    if not body:
+        data = await upload.read()
+    else:
+        data = body
+    if not data:
         raise BadRequest("empty request body: send an image or a tensor")
-    return body
+    limits.check_image_format(data, request.app.state.settings.image_formats)
+    return data
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -167,6 +170,7 @@ class EncodeEndpoint:
             body = await read_body(request, settings.max_body_bytes)
             x, _ = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q["shape"], q["dtype"])
             x = validate_image_tensor(x, model, settings.max_pixels)
+            limits.check_latent_elements(limits.encode_latent_shape(x.shape, model), settings.max_latent_elements)
         else:
             data = await read_image_bytes(request, settings.max_body_bytes)
             x = await anyio.to_thread.run_sync(decode_image_tensor, data, settings.max_pixels)
@@ -254,6 +258,7 @@ class DecodeEndpoint:
         kind = wire.media_type(request.headers.get("content-type"))
         z, meta = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q["shape"], q["dtype"])
         z = validate_latents(z, model, settings.max_pixels)
+        limits.check_latent_elements(z.shape, settings.max_latent_elements)
         # HF semantics: explicit factors win; do_scaling alone means "use the model's own".
         scale, shift = q["scaling_factor"], q["shift_factor"]
         if scale is None and q["do_scaling"]:
@@ -406,11 +411,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.settings, app.state.registry, app.state.ready = settings, registry, False
     app.state.limiter = anyio.CapacityLimiter(max(1, settings.model_threads))
     install_error_handlers(app)
+    ops.install(app, settings, registry)  # scheduler (queue, batching), metrics, request ids, API keys, CORS
 
     async def run(endpoint, request: Request, q: dict) -> Response:
-        req = await endpoint.decode_request(request, q)
-        result = await anyio.to_thread.run_sync(endpoint.predict, req, limiter=app.state.limiter)
-        return await anyio.to_thread.run_sync(endpoint.encode_response, result, req)
+        return await ops.run_endpoint(endpoint, request, q)
 
     @app.post("/encode", openapi_extra=_body_doc({**_IMAGE_BODY, **_TENSOR_BODY}),
               summary="image (or [-1, 1] image tensor) -> latents")
@@ -463,6 +467,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @app.get("/readyz")
     async def readyz():
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if not app.state.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ready", "models": list(registry.models)}

@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     warmup: bool = True  # one tiny encode+decode per model before /readyz says ready
     jpeg_quality: int = 95  # JPEG / WebP responses
     log_level: str = "info"
+    # --- hardening (docs/operations.md) ---
+    max_latent_elements: int = 4 * 4 * 256 * 256  # N*C*h*w of a latent tensor in or out: four 2048x2048 images
+    image_formats: Annotated[list[str], NoDecode] = ["png", "jpeg", "webp"]  # accepted uploads (allow-list)
+    request_timeout: float = 300.0  # seconds from arrival to the end of model work, else 504
+    max_queue: int = 64  # model work waiting for a worker; beyond it 503 + Retry-After at once
+    max_batch_size: int | None = None  # dynamic batching; None: 1 on CPU (no gain there), 8 on CUDA
+    batch_wait_ms: float = 2.0  # how long a lone request waits for companions before running
+    grace_seconds: float = 30.0  # on SIGTERM: time for in-flight work before the process exits
+    api_keys: Annotated[list[str], NoDecode] = []  # Bearer keys; empty = no authentication
+    cors_origins: Annotated[list[str], NoDecode] = []  # empty = no CORS headers at all
+    log_format: str = "json"  # json | text
 
     @field_validator("models", mode="before")
     @classmethod
@@ -43,6 +54,15 @@ class Settings(BaseSettings):
             value = value.strip()
             if value.startswith("["):
                 return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+    @field_validator("image_formats", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        # Comma-separated in the environment (VAE_API_KEYS=k1,k2); blanks dropped.
+        if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

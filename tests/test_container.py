@@ -303,7 +303,7 @@ def _compose_variables() -> dict[str, set[str]]:
 
 # Set in docker-compose.yml for features issue 5 asks for that the server may not have yet.
 # Each one has its own test below, which fails while the server does not read it.
-PENDING = {"VAE_API_KEYS"}
+PENDING: set[str] = set()
 
 
 def test_compose_environment_names_are_server_settings():
@@ -317,18 +317,6 @@ def test_compose_environment_names_are_server_settings():
     assert image_vars - known == set(), "Dockerfile ENV: variables the server does not read"
 
 
-def _has_setting(name: str) -> bool:
-    try:
-        return name in _server_settings()
-    except pytest.skip.Exception:
-        return False
-
-
-@pytest.mark.xfail(
-    not _has_setting("VAE_API_KEYS"),
-    reason="issue 5 item 5: app.settings.Settings has no api_keys yet, so VAE_API_KEYS is ignored",
-    strict=True,
-)
 def test_compose_api_keys_reach_the_server():
     # Without this, `VAE_API_KEYS=... docker compose up` would run an open server.
     assert all("VAE_API_KEYS" in names for names in _compose_variables().values())
@@ -547,11 +535,6 @@ def run_image_command(tmp_path: Path, shell: dict[str, str], expected_model: str
         result = subprocess.run(healthcheck_command(), env=env, capture_output=True, timeout=30)
         assert result.returncode != 0
 
-        if code == -signal.SIGTERM and "Finished server process" in output():
-            # uvicorn (>= 0.29) drains, then re-raises the SIGTERM it caught, so the process
-            # dies of the signal instead of exiting 0. Everything above passed; only the exit
-            # code is outstanding, and that is app/serve.py's to fix.
-            pytest.xfail("issue 5 item 3: `vae serve` drains on SIGTERM but exits by the signal (-15), not 0")
         assert code == 0, f"exit code {code} after SIGTERM (issue 5: graceful shutdown exits 0):\n{output()}"
     finally:
         if proc.poll() is None:

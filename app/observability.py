@@ -69,15 +69,23 @@ class Metrics(SchedulerHooks):
         self.rejections.labels(reason).inc()
 
 
-def route_of(scope) -> str:
-    """The matched route template (bounded label values); 'unmatched' for 404s."""
+def route_of(scope, known: frozenset = frozenset()) -> str:
+    """The matched route template, or the path when it names a route that was never reached
+    (a 401 answers before routing); 'unmatched' otherwise: label values stay bounded."""
     route = scope.get("route")
-    return getattr(route, "path", None) or ("/static" if scope.get("path", "").startswith("/static/") else "unmatched")
+    path = scope.get("path", "")
+    return getattr(route, "path", None) or (path if path in known else "/static" if path.startswith("/static/") else "unmatched")
 
 
 class RequestMiddleware:
     def __init__(self, app, metrics: Metrics, state):
         self.app, self.metrics, self.state = app, metrics, state  # state: the FastAPI app.state
+        self.known: frozenset = frozenset()  # route paths, read when the first request comes
+
+    def _known(self, scope) -> frozenset:
+        if not self.known and "app" in scope:
+            self.known = frozenset(getattr(r, "path", "") for r in scope["app"].routes)
+        return self.known
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -109,7 +117,7 @@ class RequestMiddleware:
         finally:
             self.state.http_in_flight -= 1
             self.metrics.in_flight.dec()
-            route, took = route_of(scope), time.monotonic() - t0
+            route, took = route_of(scope, self._known(scope)), time.monotonic() - t0
             m = self.metrics
             m.requests.labels(route, scope["method"], str(seen["status"])).inc()
             m.latency.labels(route).observe(took)

@@ -372,11 +372,18 @@ class RoundtripEndpoint:
         headers = {
             "X-Model": req.model.name,
             "X-PSNR": f"{psnr(ref, out):.4f}",
-            "X-SSIM": f"{ssim(ref, out):.6f}",
+            "X-SSIM": _ssim_text(ssim, ref, out),
             "X-Latent-Shape": _json(list(z.shape)),
             "X-Original-Size": _json(list(ref.shape[:2])),
         }
         return image_response(imaging.to_pil(x)[0], req.fmt, req.quality, headers)
+
+
+def _ssim_text(ssim, ref, out) -> str:
+    try:
+        return f"{ssim(ref, out):.6f}"
+    except ValueError:  # an image smaller than SSIM's window: undefined, not a server error
+        return "nan"
 
 
 # --- app -------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def tensor_from_json(body: bytes) -> tuple[torch.Tensor, dict]:
     """JSON nested list, or {"data": list, "shape"?: list, "dtype"?: str, ...metadata}."""
     try:
         doc = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested beyond the parser
         raise BadRequest(f"malformed JSON body: {exc}") from None
     meta = {}
     if isinstance(doc, dict):

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from app import openapi_doc
 from app.auth import APIKeyMiddleware
 from app.batching import make_work
 from app.observability import Metrics, RequestMiddleware, route_of
@@ -46,6 +47,8 @@ def install(app: FastAPI, settings, registry) -> None:
                            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Model", "shape", "dtype"])
     app.add_middleware(RequestMiddleware, metrics=metrics, state=app.state)
+
+    openapi_doc.install(app, secured=bool(settings.api_keys))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():

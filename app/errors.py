@@ -1,7 +1,8 @@
 """Error types of the HTTP API and the handlers that turn them into `{"error": {"type", "message"}}`.
 
 400 malformed request, 404 unknown model, 413 too large, 415 unsupported format, 422 a tensor or
-request that parses but cannot be served (shape, channels, dtype, NaN/Inf). Anything unexpected is
+request that parses but cannot be served (shape, channels, dtype, NaN/Inf), 401 no or wrong API key,
+503 queue full or shutting down (with Retry-After), 504 deadline passed. Anything unexpected is
 a 500 with a generic message: tracebacks go to the server log, never to the client.
 """
 

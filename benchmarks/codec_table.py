@@ -5,7 +5,8 @@
 For every image (full size, padded to 8 for the model and cropped back, as /roundtrip does):
   * PNG (PIL, lossless), JPEG q90, WebP q90: the encoded bytes, decoded and compared;
   * latent files as `vae encode` writes them (float32, float16, bfloat16, uint8 with per-channel
-    scale/offset): the whole file (header and metadata included), decoded by the model and compared.
+    scale/offset): the whole file (header and metadata included), decoded by the model and compared;
+  * JPEG and WebP at the uint8 latent file's size (best quality that fits, per image): rate-matched.
 PSNR / SSIM follow models.metrics (uint8 RGB; identical images count as 100 dB in the mean).
 Prints a Markdown table. A VAE is a perceptual codec: the latent rows show the model's
 reconstruction quality at a fixed rate, not a rate-distortion win over image codecs.
@@ -34,6 +35,21 @@ LATENT_VARIANTS = {  # row label -> StoreOptions fields
     "VAE latents uint8": dict(quantize="uint8"),
 }
 IMAGE_CODECS = {"PNG (lossless)": ("png", None), "JPEG q90": ("jpg", 90), "WebP q90": ("webp", 90)}
+# Rate-matched rows: per image, the best quality whose file is no larger than the uint8 latent file.
+MATCHED = {"JPEG at the uint8 latents' size": "jpg", "WebP at the uint8 latents' size": "webp"}
+
+
+def best_under(img, fmt: str, budget: int) -> bytes:
+    """The highest-quality encoding (quality 1..100, binary search) of at most `budget` bytes."""
+    lo, hi, best = 1, 100, imaging.encode_image(img, fmt, 1)
+    while lo <= hi:
+        q = (lo + hi) // 2
+        data = imaging.encode_image(img, fmt, q)
+        if len(data) <= budget:
+            best, lo = data, q + 1
+        else:
+            hi = q - 1
+    return best
 
 
 def measure(model, files: list[Path], progress: bool = True) -> dict[str, dict]:
@@ -41,7 +57,7 @@ def measure(model, files: list[Path], progress: bool = True) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
     rows: dict[str, dict] = {k: {"bytes": [], "psnr": [], "ssim": [], "pixels": []}
-                             for k in [*IMAGE_CODECS, *LATENT_VARIANTS]}
+                             for k in [*IMAGE_CODECS, *LATENT_VARIANTS, *MATCHED]}
 
     def add(label, nbytes, ref, out):
         rows[label]["bytes"].append(nbytes)
@@ -63,6 +79,9 @@ def measure(model, files: list[Path], progress: bool = True) -> dict[str, dict]:
             data = latent_store.encode_record(z, latent_store.StoreOptions(**base, **fields), path.name, size)
             restored, _ = latent_store.decode_record(data)
             add(label, len(data), ref, imaging.to_uint8(model.decode(restored, size))[0].numpy())
+        for label, fmt in MATCHED.items():
+            data = best_under(img, fmt, rows["VAE latents uint8"]["bytes"][-1])
+            add(label, len(data), ref, np.asarray(imaging.open_image(data, max_pixels=1 << 30)))
     return rows
 
 

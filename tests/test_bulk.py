@@ -336,7 +336,7 @@ def test_codec_table_script(photos, tiny_vae_dir, tmp_path, capsys):
         (data / name).write_bytes((photos / name).read_bytes())
     assert codec_table(["--model", str(tiny_vae_dir), "--data", str(data), "--json", str(tmp_path / "t.json")]) == 0
     table = capsys.readouterr().out
-    assert table.count("\n| ") == 8 and "| PNG (lossless) |" in table and "| VAE latents uint8 |" in table
+    assert table.count("\n| ") == 10 and "| PNG (lossless) |" in table and "| VAE latents uint8 |" in table
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert rows["VAE latents uint8"]["bytes_per_image"] < rows["VAE latents float16"]["bytes_per_image"] \
         < rows["VAE latents float32"]["bytes_per_image"]

@@ -200,7 +200,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(array).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 # --------------------------------------------------------------------------- systems
@@ -461,14 +461,15 @@ def tiling_check(model: ModelSpec, size: int, tile_size: int, out: Path, dtype: 
             "images": [f"tiling_{model.name}_{size}_{k}.png" for k in ("tiled", "untiled", "diff_x8")]}
 
 
-def large_check(model: ModelSpec, size: int, rss_cap_gib: float, log, untiled: bool = True) -> dict:
+def large_check(model: ModelSpec, size: int, rss_cap_gib: float, log, untiled: bool = True,
+                dtype: str = "float32") -> dict:
     """One size x size /roundtrip through a server (default mode, automatic tiling), then through
     a server with tiling off; peak RSS of each server process (killed past rss_cap_gib)."""
     png = png_bytes(test_image(size, seed=5))
-    res = {"model": model.name, "size": size, "png_bytes": len(png)}
+    res = {"model": model.name, "size": size, "png_bytes": len(png), "dtype": dtype}
     variants = [("tiled", [])] + ([("untiled", ["--tile-threshold-pixels", "0"])] if untiled else [])
     for tag, extra in variants:
-        server = Server(model, *extra, max_pixels=size * size)
+        server = Server(model, "--dtype", dtype, *extra, max_pixels=size * size)
         stop = threading.Event()
         killed = {"flag": False}
 
@@ -547,7 +548,7 @@ def markdown(result: dict) -> str:
         for tag in ("tiled", "untiled"):
             if tag in g:
                 e = g[tag]
-                lines += ["", f"{g['size']}x{g['size']} /roundtrip ({g['model']}, {tag}): "
+                lines += ["", f"{g['size']}x{g['size']} /roundtrip ({g['model']}, {g.get('dtype')}, {tag}): "
                               + (f"{e['seconds']} s, PSNR {e['psnr']:.2f} dB" if e["ok"] else f"failed: {e['error']}")
                               + f", server peak RSS {e.get('peak_rss_mib')} MiB."]
     return "\n".join(lines) + "\n"
@@ -604,6 +605,7 @@ def parse_args(argv):
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--large", type=int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
     p.add_argument("--no-untiled", action="store_true", help="with --large: skip the untiled server")
+    p.add_argument("--large-dtype", default="float32", choices=["float32", "bfloat16"], help="server dtype for --large")
     p.add_argument("--rss-cap-gib", type=float, default=12.0, help="kill the untiled --large server above this RSS")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the machine's peak")
     p.add_argument("--quick", action="store_true", help="smoke run: size 64, 2 runs, concurrency 1 2, small extras")
@@ -664,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{m.name}] tiling: {t}")
         if args.large:
             for m in trained or models[:1]:
-                result["large"].append(large_check(m, args.large, args.rss_cap_gib, log, untiled=not args.no_untiled))
+                result["large"].append(large_check(m, args.large, args.rss_cap_gib, log, untiled=not args.no_untiled,
+                                                   dtype=args.large_dtype))
         meta["loadavg_end"] = loadavg()
         (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
         md = markdown(result)

@@ -24,9 +24,9 @@ class Spec:
 
 
 SPECS = {
-    "EncodeEndpoint": Spec("x", ("model", "scaling_factor", "shift_factor", "out_dtype"), lambda r: not r.sample),
-    "DecodeEndpoint": Spec("z", ("model", "scaling_factor", "shift_factor", "size")),
-    "RoundtripEndpoint": Spec("x", ("model",)),
+    "EncodeEndpoint": Spec("x", ("model", "scaling_factor", "shift_factor", "out_dtype", "tiled"), lambda r: not r.sample),
+    "DecodeEndpoint": Spec("z", ("model", "scaling_factor", "shift_factor", "size", "tiled")),
+    "RoundtripEndpoint": Spec("x", ("model", "tiled")),
 }
 
 

@@ -462,12 +462,12 @@ def tiling_check(model: ModelSpec, size: int, tile_size: int, out: Path, dtype: 
 
 
 def large_check(model: ModelSpec, size: int, rss_cap_gib: float, log, untiled: bool = True,
-                dtype: str = "float32") -> dict:
+                dtype: str = "float32", tiled: bool = True) -> dict:
     """One size x size /roundtrip through a server (default mode, automatic tiling), then through
     a server with tiling off; peak RSS of each server process (killed past rss_cap_gib)."""
     png = png_bytes(test_image(size, seed=5))
     res = {"model": model.name, "size": size, "png_bytes": len(png), "dtype": dtype}
-    variants = [("tiled", [])] + ([("untiled", ["--tile-threshold-pixels", "0"])] if untiled else [])
+    variants = ([("tiled", [])] if tiled else []) + ([("untiled", ["--tile-threshold-pixels", "0"])] if untiled else [])
     for tag, extra in variants:
         server = Server(model, "--dtype", dtype, *extra, max_pixels=size * size)
         stop = threading.Event()
@@ -605,6 +605,7 @@ def parse_args(argv):
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--large", type=int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
     p.add_argument("--no-untiled", action="store_true", help="with --large: skip the untiled server")
+    p.add_argument("--no-tiled", action="store_true", help="with --large: only the untiled server")
     p.add_argument("--large-dtype", default="float32", choices=["float32", "bfloat16"], help="server dtype for --large")
     p.add_argument("--rss-cap-gib", type=float, default=12.0, help="kill the untiled --large server above this RSS")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the machine's peak")
@@ -667,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.large:
             for m in trained or models[:1]:
                 result["large"].append(large_check(m, args.large, args.rss_cap_gib, log, untiled=not args.no_untiled,
-                                                   dtype=args.large_dtype))
+                                                   dtype=args.large_dtype, tiled=not args.no_tiled))
         meta["loadavg_end"] = loadavg()
         (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str))
         md = markdown(result)

@@ -102,7 +102,8 @@ def _finish(summary: core.Summary, args) -> int:
 
 def _local_outcomes(encoder, batches, options, args):
     load = lambda item: core.load_image(item, args.max_pixels)  # noqa: E731
-    for loaded in core.iter_loaded(batches, load, args.workers, lookahead=max(64, 2 * args.batch_size)):
+    # Two batches ahead keeps the model fed without holding many decoded images in memory.
+    for loaded in core.iter_loaded(batches, load, args.workers, lookahead=max(2 * args.batch_size, 2 * args.workers)):
         yield from core.encode_loaded(encoder, loaded, options)
 
 
@@ -110,6 +111,9 @@ def encode_main(argv: list[str]) -> int:
     args = encode_parser().parse_args(argv)
     if args.shard_size and args.overwrite:
         print("vae encode: error: --overwrite does not apply to shards: use a new --out", file=sys.stderr)
+        return 2
+    if args.ray and args.server:
+        print("vae encode: error: --ray runs the model on Ray actors; it excludes --server", file=sys.stderr)
         return 2
     items, problems = core.collect_inputs(args.inputs)
     summary = core.Summary("encode", total=len(items) + len(problems))
@@ -180,7 +184,12 @@ def iter_records(inputs: list[str], summary: core.Summary):
             except Exception as exc:  # tarfile.ReadError, OSError: a damaged shard
                 summary.fail(item.path, f"cannot read shard: {exc}")
         else:
-            yield item.path, Path(item.path).read_bytes()
+            try:
+                data = Path(item.path).read_bytes()
+            except OSError as exc:
+                summary.fail(item.path, f"cannot read file: {exc}")
+                continue
+            yield item.path, data
 
 
 class _LocalDecoder:

@@ -6,7 +6,7 @@
 The batches are `bulk_core.plan_batches`' (a pure function of the to-do list) and each actor runs
 `bulk_core.encode_loaded` on them, so the files equal the local path's byte for byte. Actors read
 the images themselves (on a cluster the inputs must be at the same path on every node: a shared
-file system); they send back only the latent bytes (about 1/50 of the pixels at fp16), and the
+file system); they send back only the latent bytes (1/24 of the RGB bytes at fp16), and the
 driver writes them through the same sink as the local path, which keeps resume and sharding in
 one place.
 """
@@ -69,8 +69,6 @@ def encode(batches: list[list[core.Item]], options: latent_store.StoreOptions, a
         import ray
     except ImportError:
         raise SystemExit("vae encode: error: --ray needs Ray: pip install 'sd-vae-service[ray]'") from None
-    if args.server:
-        raise SystemExit("vae encode: error: --ray and --server exclude each other")
     if not batches:
         return
     if not ray.is_initialized():

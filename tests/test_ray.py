@@ -20,7 +20,7 @@ from app import ray_serve
 from app.settings import Settings
 from models import imaging
 from models.inference import VAEModel
-from test_bulk import GOOD, photos, reference_roundtrip, run  # noqa: F401  (photos is a fixture)
+from test_bulk import photos, reference_roundtrip, run  # noqa: F401  (photos is a fixture)
 
 SKIP = "Ray is an optional extra: pip install -e '.[ray]' to run the Ray tests"
 

@@ -382,7 +382,7 @@ def run_benchmarks(args, models: list[ModelSpec], peak: dict, log) -> list[dict]
                         gflops = inp["flops"][op] / row["median_s"] / 1e9
                         row.update({
                             "model": model.name, "mode": mode, "op": op, "size": size,
-                            "gflop": round(inp["flops"][op] / 1e9, 2), "gflop_per_s": round(gflops, 1),
+                            "gflop": round(inp["flops"][op] / 1e9, 2), "gflop_per_s": round(gflops, 3),
                             "peak_gflop_per_s": peak[precision], "pct_of_peak": round(100 * gflops / peak[precision], 1),
                             "loadavg": load,
                         })

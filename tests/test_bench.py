@@ -26,7 +26,7 @@ def test_bench_quick_writes_json_markdown_and_plot(tiny_vae_dir, tmp_path, capsy
     for r in rows:
         assert "error" not in r, r
         assert r["runs"] == 2 and len(r["times_s"]) == 2 and r["median_s"] > 0 and r["p90_s"] >= r["median_s"] * 0.999
-        assert r["peak_rss_mib"] > 0 and r["gflop"] >= 0 and r["gflop_per_s"] > 0 and "pct_of_peak" in r
+        assert r["peak_rss_mib"] > 0 and r["gflop"] >= 0 and r["gflop_per_s"] >= 0 and "pct_of_peak" in r
         assert "speedup_vs_diffusers_fp32" in r
         expected = {"1", "2"} if r["mode"].startswith("http-") else {"1"}
         assert set(r["images_per_s"]) == expected

@@ -270,9 +270,13 @@ def main(argv=None) -> int:
 
     metrics_path = out / "metrics.csv"
     fields = ["step", "time", "lr", "loss", "rec_loss", "kl", "g_loss", "d_loss", "psnr", "img_per_s", "val_psnr"]
-    if main_proc and not metrics_path.exists():
+    if main_proc:
+        # On resume, drop rows logged after the checkpoint: those steps are about to be redone.
+        kept = [r for r in csv.DictReader(open(metrics_path)) if int(r["step"]) <= step] if metrics_path.exists() else []
         with open(metrics_path, "w", newline="") as f:
-            csv.DictWriter(f, fields).writeheader()
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(kept)
     pixels = 3 * args.crop * args.crop
     t_start = time.time()
     bar = tqdm(total=args.steps, initial=step, disable=not main_proc, dynamic_ncols=True, unit="step")

@@ -116,6 +116,8 @@ def test_kill_9_loses_at_most_checkpoint_every_steps(image_folder, tiny_config, 
     assert not (out / "checkpoint.pt.tmp").exists() or state["step"] > 0
     assert train.main(_args(image_folder, out, tiny_config, "--steps", str(state["step"] + 2), "--resume")) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == state["step"] + 2
+    steps = [int(r["step"]) for r in __import__("csv").DictReader(open(out / "metrics.csv"))]
+    assert steps == sorted(set(steps)), "rows after the checkpoint must be replaced, not duplicated"
 
 
 def test_export_single_file_round_trip(tmp_path):
@@ -140,3 +142,17 @@ def test_export_single_file_round_trip(tmp_path):
         expected = vae.decode(vae.encode(x).latent_dist.mode()).sample
         for other in (reloaded, ours):
             assert torch.equal(other.decode(other.encode(x).latent_dist.mode()).sample, expected)
+
+
+def test_decoder_only_fine_tune_from_init_keeps_the_encoder(image_folder, tiny_vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ft"
+    args = _args(image_folder, out, "unused", "--steps", "3", "--ema", "0.5")
+    i = args.index("--config")
+    args[i:i + 2] = ["--init", str(tiny_vae_dir), "--decoder-only"]
+    assert train.main(args) == 0
+    before = load_file(str(tiny_vae_dir / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

@@ -1,4 +1,5 @@
-"""`vae export`: write a model in the original LDM / Stable Diffusion single-file layout.
+"""`vae export`: write a model in the original LDM / Stable Diffusion single-file layout, or as
+a (smaller, e.g. float16) diffusers folder.
 
 The file loads with diffusers' `AutoencoderKL.from_single_file(path, config=...)` and with
 tools that read SD VAE checkpoints. The diffusers config travels in the safetensors metadata
@@ -33,13 +34,30 @@ def export_single_file(vae, out: str | Path, dtype: torch.dtype = torch.float32)
     return out
 
 
+def export_diffusers(vae, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """save_pretrained in `dtype` (half the bytes at float16), into a temp folder then renamed."""
+    import copy
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(vae).to(dtype).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vae export", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="diffusers folder (or single file) to export")
-    p.add_argument("--single-file", required=True, metavar="OUT.safetensors")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--single-file", metavar="OUT.safetensors", help="original LDM single-file layout")
+    target.add_argument("--diffusers", metavar="OUT_DIR", help="a diffusers folder (e.g. --dtype float16)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
-    if not args.single_file.endswith(".safetensors"):
+    if args.single_file and not args.single_file.endswith(".safetensors"):
         print("vae export: --single-file must end in .safetensors", file=sys.stderr)
         return 2
     from models.loading import ModelLoadError, load_weights
@@ -49,6 +67,11 @@ def main(argv=None) -> int:
     except ModelLoadError as exc:
         print(f"vae export: {exc}", file=sys.stderr)
         return 2
+    if args.diffusers:
+        path = export_diffusers(vae, args.diffusers, DTYPES[args.dtype])
+        size = sum(f.stat().st_size for f in path.iterdir())
+        print(f"wrote {path} ({size / 1e6:.1f} MB, {args.dtype}, diffusers folder)")
+        return 0
     path = export_single_file(vae, args.single_file, DTYPES[args.dtype])
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype}, LDM layout)")
     return 0

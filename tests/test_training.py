@@ -156,3 +156,17 @@ def test_decoder_only_fine_tune_from_init_keeps_the_encoder(image_folder, tiny_v
     after = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_export_float16_diffusers_folder(tmp_path):
+    from models.export import main as export_main
+    from models.loading import load_weights
+
+    vae = make_tiny_vae(seed=7)
+    vae.save_pretrained(tmp_path / "m")
+    assert export_main([str(tmp_path / "m"), "--diffusers", str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    half = load_weights(tmp_path / "half").vae  # loads back as float32
+    size = lambda d: (d / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "m")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(half.state_dict()[key], value.half().float()), key

@@ -170,3 +170,18 @@ def test_export_float16_diffusers_folder(tmp_path):
     assert size(tmp_path / "half") < 0.6 * size(tmp_path / "m")
     for key, value in vae.state_dict().items():
         assert torch.equal(half.state_dict()[key], value.half().float()), key
+
+
+def test_presets_are_kl_f8_and_small_fits_a_quarter_of_sd_decoder_flops():
+    from diffusers import AutoencoderKL
+
+    from models.info import count_flops
+    from models.presets import PRESETS
+
+    flops = {}
+    for name, config in PRESETS.items():
+        with torch.device("meta"):  # counted without allocating or computing
+            vae = AutoencoderKL(**config)
+        assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x down
+        flops[name] = count_flops(vae, 256)["decode"]
+    assert flops["small"] <= 0.25 * flops["sd"] and flops["tiny"] < flops["compact"] < flops["small"]

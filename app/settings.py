@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     compile: bool = False  # torch.compile encoder/decoder, warmed up at 256x256 before /readyz is ready
     channels_last: bool | None = None  # None: on for bfloat16/float16 (the fast path), off for float32 (exact)
     tile_threshold_pixels: int = 1536 * 1536  # larger images are tiled automatically; 0: only with ?tiled=true
-    tile_size: int = 512  # tile side in image pixels (a multiple of the downsample factor)
+    tile_size: int = 768  # tile side in image pixels (a multiple of the downsample factor; 768: benchmarks/RESULTS.md)
     tile_overlap: float = 0.25  # fraction of a tile blended with its neighbour
     max_pixels: int = 2048 * 2048  # per image, input and output: decompression-bomb and memory guard
     max_body_bytes: int = 64 * 1024 * 1024

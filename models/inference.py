@@ -17,6 +17,9 @@ pipelines do. `compile=True` wraps encoder and decoder in torch.compile (warmed 
 Tiling: images above `tile_threshold_pixels` (or with `tiled=True`) go through diffusers'
 tiled encode / decode (overlapping tiles of `tile_size` pixels, linear blending over
 `tile_overlap` of a tile), so memory is bounded by one tile's activations plus the output.
+With `tile_norm_passes=2` (default) the tiling loop runs twice and the second pass normalises every
+GroupNorm with whole-image statistics gathered by the first (models/tiling.py): tiles no longer
+shift in tone; 1 is plain diffusers tiling (half the time).
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from pathlib import Path
 
 import torch
 
+from models import tiling
 from models.imaging import crop_to, pad_to_multiple
 from models.loading import LoadedWeights, load_weights, resolve_dtype
 
 log = logging.getLogger("vae.inference")
 
 DEFAULT_TILE_THRESHOLD_PIXELS = 1536 * 1536  # above this many pixels an image is tiled automatically
-DEFAULT_TILE_SIZE = 512  # tile side in image pixels (latent tile = tile_size / 8)
+DEFAULT_TILE_SIZE = 768  # tile side in image pixels (latent tile = tile_size / 8); 768: see RESULTS.md
 DEFAULT_TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour and blended linearly
+DEFAULT_TILE_NORM_PASSES = 2  # 2: GroupNorm statistics shared across tiles (models/tiling.py); 1: per tile
 
 
 def scale_latents(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None) -> torch.Tensor:
@@ -68,6 +73,7 @@ class VAEModel:
         tile_threshold_pixels: int | None = DEFAULT_TILE_THRESHOLD_PIXELS,
         tile_size: int = DEFAULT_TILE_SIZE,
         tile_overlap: float = DEFAULT_TILE_OVERLAP,
+        tile_norm_passes: int = DEFAULT_TILE_NORM_PASSES,
         nan_retry: bool = True,
         requested_dtype: torch.dtype | None = None,
     ):
@@ -100,6 +106,11 @@ class VAEModel:
             raise ValueError(f"tile_size must be a multiple of {f} and at least {2 * f}, got {tile_size}")
         if not 0 <= self.tile_overlap < 1:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        self.tile_norm_passes = int(tile_norm_passes)
+        if self.tile_norm_passes not in (1, 2):
+            raise ValueError(f"tile_norm_passes must be 1 or 2, got {tile_norm_passes}")
+        if self.tile_norm_passes > 1:
+            tiling.install(self.vae)  # no-op for untiled calls (see models/tiling.py)
         self.vae.tile_sample_min_size = self.tile_size
         self.vae.tile_latent_min_size = self.tile_size // f
         self.vae.tile_overlap_factor = self.tile_overlap
@@ -178,6 +189,7 @@ class VAEModel:
             "tile_threshold_pixels": self.tile_threshold_pixels,
             "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
+            "tile_norm_passes": self.tile_norm_passes,
             "parameters": self.param_counts()["total"],
             "sha256": self.sha256,
             "layout": self.layout,
@@ -203,6 +215,8 @@ class VAEModel:
                 vae.tile_sample_min_size = self.vae.tile_sample_min_size
                 vae.tile_latent_min_size = self.vae.tile_latent_min_size
                 vae.tile_overlap_factor = self.vae.tile_overlap_factor
+                if self.tile_norm_passes > 1:
+                    tiling.install(vae)
                 self._fp32_vae = vae
         return self._fp32_vae
 
@@ -220,7 +234,7 @@ class VAEModel:
         if tiled:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-            dist = DiagonalGaussianDistribution(vae._tiled_encode(x))
+            dist = DiagonalGaussianDistribution(tiling.run_tiled(vae._tiled_encode, x, self.tile_norm_passes))
         else:
             dist = vae.encode(x).latent_dist
         return dist.sample(generator=generator) if sample else dist.mode()
@@ -228,7 +242,7 @@ class VAEModel:
     def _decode_tensor(self, z: torch.Tensor, *, tiled: bool = False, vae=None) -> torch.Tensor:
         vae = vae if vae is not None else self.vae
         if tiled:
-            return vae.tiled_decode(z).sample
+            return tiling.run_tiled(lambda t: vae.tiled_decode(t).sample, z, self.tile_norm_passes)
         return vae.decode(z).sample
 
     def _needs_retry(self, out: torch.Tensor) -> bool:

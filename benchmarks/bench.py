@@ -602,7 +602,7 @@ def parse_args(argv):
     p.add_argument("--kodak-limit", type=int, default=None, help="use only the first N Kodak images")
     p.add_argument("--no-kodak", action="store_true")
     p.add_argument("--tiling-size", type=int, default=None, help="tiled vs untiled PSNR at this size (default 1024; 0: skip)")
-    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--tile-size", type=int, default=768)  # the server default (app.settings)
     p.add_argument("--large", type=int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
     p.add_argument("--no-untiled", action="store_true", help="with --large: skip the untiled server")
     p.add_argument("--no-tiled", action="store_true", help="with --large: only the untiled server")

@@ -43,6 +43,8 @@ def export_diffusers(vae, out: str | Path, dtype: torch.dtype = torch.float16) -
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     copy.deepcopy(vae).to(dtype).save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # the weights are written 0600 (a temp file); others (a container user) must read them
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -178,11 +178,10 @@ def test_image(size: int, seed: int = 0) -> np.ndarray:
 
     files = sorted(KODAK.glob("*.png")) if KODAK.is_dir() else []
     if files:
+        from models.imaging import resize_center_crop
+
         img = Image.open(files[seed % len(files)]).convert("RGB")
-        scale = size / min(img.size)
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        return np.asarray(img.crop((left, top, left + size, top + size)))
+        return np.asarray(resize_center_crop(img, size))
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     base = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(6 * (xx + yy))])

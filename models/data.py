@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from models.imaging import open_image
+from models.imaging import open_image, resize_center_crop, resize_short_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -39,8 +39,7 @@ def load_rgb(path: Path, max_short_side: int | None = None) -> Image.Image:
     optionally downsize once so the short side is at most `max_short_side` (bounds per-crop work)."""
     im = open_image(path, max_pixels=1 << 30)  # trusted local training files: no bomb limit
     if max_short_side and min(im.size) > max_short_side:
-        scale = max_short_side / min(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        im = resize_short_side(im, max_short_side)
     return im
 
 
@@ -88,9 +87,7 @@ class RandomCrops(Dataset):
         hi = max(self.crop, min(short, int(self.crop * self.max_zoom)))
         target = int(rng.integers(self.crop, hi + 1))
         if target != short:
-            scale = target / short
-            im = im.resize((max(self.crop, round(im.width * scale)), max(self.crop, round(im.height * scale))),
-                           Image.BICUBIC)
+            im = resize_short_side(im, target)
         left = int(rng.integers(0, im.width - self.crop + 1))
         top = int(rng.integers(0, im.height - self.crop + 1))
         im = im.crop((left, top, left + self.crop, top + self.crop))
@@ -120,9 +117,5 @@ def center_crops(files, size: int) -> torch.Tensor:
     """Deterministic validation batch: short side resized to `size`, centre crop. (N, 3, size, size)."""
     out = []
     for path in files:
-        im = load_rgb(path)
-        scale = size / min(im.size)
-        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        out.append(to_signed_tensor(im.crop((left, top, left + size, top + size))))
+        out.append(to_signed_tensor(resize_center_crop(load_rgb(path), size)))
     return torch.stack(out)

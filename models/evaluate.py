@@ -19,16 +19,9 @@ import torch
 from PIL import Image
 
 from models import imaging
+from models.imaging import resize_center_crop
 from models.data import list_images
 from models.metrics import mean_psnr, psnr, ssim
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 @torch.inference_mode()
@@ -63,7 +56,7 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
             ssims.append(ssim(ref, out))
         if lpips is not None:
             rec = recon.permute(0, 3, 1, 2).float() / 127.5 - 1
-            lpips_values += lpips(rec, x).flatten().tolist()
+            lpips_values.extend(lpips(rec, x).flatten().tolist())
         z_sum += float(z.sum()); z_sq += float((z.double() ** 2).sum()); z_count += z.numel()
         bar.update(len(batch))
         bar.set_postfix(psnr=f"{mean_psnr(psnrs):.2f}", ssim=f"{np.mean(ssims):.4f}")

@@ -148,3 +148,17 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Crop (..., H', W') to the top-left (..., H, W) given by `size` = (H, W)."""
     h, w = size
     return x[..., :h, :w]
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the short side is `size` pixels (aspect ratio kept)."""
+    scale = size / min(img.size)
+    return img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Short side resized to `size`, then the centre `size` x `size` square (the published SD VAE
+    COCO protocol)."""
+    img = resize_short_side(img, size)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))

@@ -55,3 +55,19 @@ def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, kodak_dir, tmp_path
 def test_vae_eval_reports_a_missing_model(tmp_path, kodak_dir, capsys):
     assert eval_main([str(tmp_path / "nope"), "--data", str(kodak_dir)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, kodak_dir, tmp_path):
+    import torch
+
+    from models.perceptual import LPIPS
+
+    torch.manual_seed(0)
+    net = LPIPS()
+    state = {f"features.{k}": v for k, v in net.features.state_dict().items()}
+    state.update({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(net.lins)})
+    torch.save(state, tmp_path / "lpips.pth")
+    out = tmp_path / "e.json"
+    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--size", "64", "--limit", "2",
+                      "--lpips-weights", str(tmp_path / "lpips.pth"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["lpips"] > 0

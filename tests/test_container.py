@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -288,8 +287,6 @@ def test_compose_service_contract():
 
 def _server_settings() -> set[str]:
     """The VAE_* variables the server reads (app.settings.Settings)."""
-    if importlib.util.find_spec("app.settings") is None:
-        pytest.skip("app/settings.py (the service's pydantic-settings model) does not exist yet")
     from app.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
@@ -481,7 +478,6 @@ def _container_env(tmp_path: Path, shell: dict[str, str], port: int) -> dict[str
     return env
 
 
-SERVE_MISSING = importlib.util.find_spec("app.serve") is None
 DEFAULT_MODEL = ROOT / "models" / "default" / "config.json"
 
 
@@ -543,13 +539,11 @@ def run_image_command(tmp_path: Path, shell: dict[str, str], expected_model: str
         log.close()
 
 
-@pytest.mark.skipif(SERVE_MISSING, reason="app/serve.py (`vae serve`, the image's ENTRYPOINT) does not exist yet")
 def test_image_entrypoint_serves_a_model_from_vae_models(tmp_path, tiny_vae_dir):
     # As `VAE_MODELS=tiny=/models/tiny docker compose up` would pass it through.
     run_image_command(tmp_path, {"VAE_MODELS": f"tiny={tiny_vae_dir}"}, expected_model="tiny")
 
 
-@pytest.mark.skipif(SERVE_MISSING, reason="app/serve.py (`vae serve`, the image's ENTRYPOINT) does not exist yet")
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="models/default/ (the shipped model) is not in this checkout yet")
 def test_image_entrypoint_serves_the_default_model(tmp_path):
     # Plain `docker compose up`: no VAE_MODELS, the baked-in model.

@@ -53,6 +53,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT.parent / "shared" / "data" / "kodak"
+PHOTOS = ROOT / "tests" / "data" / "photos"
 ALL_MODES = ["diffusers-fp32", "inproc-fp32", "inproc-bf16", "http-fp32", "http-bf16", "http-bf16-compile"]
 DEFAULT_MODES = ["diffusers-fp32", "inproc-fp32", "inproc-bf16", "http-fp32", "http-bf16"]
 OPS = ["encode", "decode", "roundtrip"]
@@ -171,23 +172,25 @@ def resolve_models(specs: list[str], workdir: Path) -> list[ModelSpec]:
     return out
 
 
+def photo_files() -> list[Path]:
+    """The benchmark's photographs: Kodak beside the checkout, else the four vendored in
+    tests/data/photos (so a fresh clone measures a real photo too, never a synthetic stand-in)."""
+    for folder, pattern in ((KODAK, "*.png"), (PHOTOS, "*.*")):
+        files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if files:
+            return files
+    raise SystemExit(f"vae bench: no photographs found ({KODAK} or {PHOTOS})")
+
+
 def test_image(size: int, seed: int = 0) -> np.ndarray:
-    """An (size, size, 3) uint8 photo: a Kodak image scaled and cropped when available, else a
-    smooth synthetic image with some texture (deterministic)."""
+    """An (size, size, 3) uint8 photo: one of photo_files(), short side scaled and centre-cropped."""
     from PIL import Image
 
-    files = sorted(KODAK.glob("*.png")) if KODAK.is_dir() else []
-    if files:
-        from models.imaging import resize_center_crop
+    from models.imaging import resize_center_crop
 
-        img = Image.open(files[seed % len(files)]).convert("RGB")
-        return np.asarray(resize_center_crop(img, size))
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    base = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(6 * (xx + yy))])
-    noise = torch.nn.functional.interpolate(torch.rand(1, 3, size // 8 + 1, size // 8 + 1, generator=g), size=(size, size),
-                                            mode="bilinear")[0]
-    return (((0.7 * base + 0.3 * noise).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    files = photo_files()
+    img = Image.open(files[seed % len(files)]).convert("RGB")
+    return np.asarray(resize_center_crop(img, size))
 
 
 def png_bytes(array: np.ndarray) -> bytes:

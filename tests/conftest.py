@@ -41,9 +41,11 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return path
 
 
+PHOTOS = ROOT / "tests" / "data" / "photos"
+
+
 @pytest.fixture(scope="session")
-def kodak_dir() -> Path:
-    path = SHARED_DATA / "kodak"
-    if not path.is_dir():
-        pytest.skip("../shared/data/kodak is not beside the checkout")
-    return path
+def photos_dir() -> Path:
+    """Four real photographs vendored in the repository (tests/data/README.md): the same test
+    data on a fresh clone as beside ../shared."""
+    return PHOTOS

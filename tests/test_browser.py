@@ -25,7 +25,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SIZE = (192, 128)  # Kodak is 768x512: a quarter keeps the tiny model and the canvases quick
+SIZE = (192, 128)  # the photos are about 3:2; small keeps the tiny model and the canvases quick
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)"
@@ -45,9 +45,9 @@ def server(tiny_vae_dir, tmp_path):
         yield url
 
 
-def _kodak(kodak_dir: Path, name: str, dest: Path) -> Path:
+def _photo(photos_dir: Path, name: str, dest: Path) -> Path:
     path = dest / f"{name}.png"
-    Image.open(kodak_dir / f"{name}.png").convert("RGB").resize(SIZE, Image.LANCZOS).save(path)
+    Image.open(photos_dir / name).convert("RGB").resize(SIZE, Image.LANCZOS).save(path)
     return path
 
 
@@ -70,10 +70,10 @@ def _shot(page, tmp_path: Path, name: str) -> None:
     shutil.copy(path, keep / name)
 
 
-def test_explore_page(server, kodak_dir, tmp_path):
+def test_explore_page(server, photos_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    image_a, image_b = _kodak(kodak_dir, "kodim23", tmp_path), _kodak(kodak_dir, "kodim01", tmp_path)
+    image_a, image_b = _photo(photos_dir, "coffee.png", tmp_path), _photo(photos_dir, "rocket.jpg", tmp_path)
     expected = requests.post(f"{server}/roundtrip", data=image_a.read_bytes(), timeout=60)
     assert expected.status_code == 200
     expected_pixels = np.asarray(Image.open(io.BytesIO(expected.content)).convert("RGB"))

@@ -25,18 +25,17 @@ from models.metrics import psnr
 from vae_testing import gradient_image, live_server
 
 ROOT = Path(__file__).resolve().parents[1]
-KODAK = ROOT.parent / "shared" / "data" / "kodak"
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """A folder of 7 good images of 4 size buckets (Kodak crops when available) and 1 corrupt file."""
+def photos(tmp_path_factory, photos_dir) -> Path:
+    """A folder of 7 good images of 4 size buckets (the vendored photographs, scaled) and 1 corrupt file."""
     root = tmp_path_factory.mktemp("photos")
     (root / "odd").mkdir()
     for i, size in enumerate([(64, 48), (64, 48), (64, 48), (72, 56)], start=1):
-        src = KODAK / f"kodim{i:02d}.png"
-        img = Image.open(src).convert("RGB").resize(size, Image.BICUBIC) if src.exists() else gradient_image(*size, seed=i)
-        img.save(root / f"kodim{i:02d}.png")
+        img = Image.open(photos_dir / PHOTOS[i - 1]).convert("RGB").resize(size, Image.BICUBIC)
+        img.save(root / f"photo{i:02d}.png")
     gradient_image(37, 29, seed=7).save(root / "odd" / "gradient.png")  # sides not multiples of 8
     rgba = np.dstack([np.asarray(gradient_image(24, 40, seed=8)), np.full((40, 24), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "odd" / "alpha.png")  # alpha: composited on white
@@ -49,7 +48,7 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-GOOD = ["kodim01.png", "kodim02.png", "kodim03.png", "kodim04.png", "odd/alpha.png", "odd/gradient.png", "odd/rotated.jpg"]
+GOOD = ["photo01.png", "photo02.png", "photo03.png", "photo04.png", "odd/alpha.png", "odd/gradient.png", "odd/rotated.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,7 @@ def test_batched_fp16_and_uint8_stay_close(photos, model, tiny_vae_dir, tmp_path
 
     sizes = {label: sum(tensor_bytes(p) for p in (tmp_path / f"lat-{label}").rglob("*.safetensors")) for label in results}
     assert sizes["uint8"] * 2 == sizes["fp16"]  # one byte per latent value instead of two
-    for name in ["kodim01.png", "kodim02.png", "odd/alpha.png", "odd/gradient.png"]:
+    for name in ["photo01.png", "photo02.png", "odd/alpha.png", "odd/gradient.png"]:
         expected = reference_roundtrip(model, photos / name)
         for label, out in results.items():
             got = np.asarray(Image.open(out / Path(name).with_suffix(".png")))
@@ -130,7 +129,7 @@ def test_rerun_skips_finished_files_and_redoes_changed_settings(photos, tiny_vae
     assert {p: p.stat().st_mtime_ns for p in lat.rglob("*.safetensors")} == stamps
     rc, rep = run("encode", *args, "--dtype", "bfloat16", report=tmp_path / "bf16.json")
     assert (rep["done"], rep["skipped"]) == (7, 0)  # other storage settings: not "done"
-    assert latent_store.read_metadata(lat / "kodim01.png.safetensors")["dtype"] == "bfloat16"
+    assert latent_store.read_metadata(lat / "photo01.png.safetensors")["dtype"] == "bfloat16"
 
 
 SLOW_ENCODE = """
@@ -255,8 +254,8 @@ def test_server_mode_retries_and_matches_in_process(photos, model, tiny_vae_dir,
 
 def test_decode_reports_bad_latent_files(photos, tiny_vae_dir, tmp_path):
     lat, out = tmp_path / "lat", tmp_path / "out"
-    run("encode", photos / "kodim01.png", "--out", lat, "--model", tiny_vae_dir)
-    good = (lat / "kodim01.png.safetensors").read_bytes()
+    run("encode", photos / "photo01.png", "--out", lat, "--model", tiny_vae_dir)
+    good = (lat / "photo01.png.safetensors").read_bytes()
     z, meta = latent_store.decode_record(good)
     options = latent_store.StoreOptions(meta["model"], meta["model_sha256"], meta["scaling_factor"], None)
     latent_store.write_atomic(lat / "evil.safetensors", latent_store.encode_record(z, options, "../evil.png", (48, 64)))
@@ -265,9 +264,9 @@ def test_decode_reports_bad_latent_files(photos, tiny_vae_dir, tmp_path):
     assert (rc, rep["done"], rep["failed"]) == (1, 1, 2)
     reasons = " ".join(f["reason"] for f in rep["failures"])
     assert "unsafe" in reasons and "safetensors" in reasons
-    assert [p.name for p in out.iterdir()] == ["kodim01.jpg"] and not (tmp_path / "evil.jpg").exists()
-    assert Image.open(out / "kodim01.jpg").size == (64, 48)
-    rc, rep = run("decode", lat / "kodim01.png.safetensors", "--out", out, "--model", tiny_vae_dir,
+    assert [p.name for p in out.iterdir()] == ["photo01.jpg"] and not (tmp_path / "evil.jpg").exists()
+    assert Image.open(out / "photo01.jpg").size == (64, 48)
+    rc, rep = run("decode", lat / "photo01.png.safetensors", "--out", out, "--model", tiny_vae_dir,
                   "--format", "jpg", report=tmp_path / "again.json")
     assert (rep["skipped"], rep["done"]) == (1, 0)
 
@@ -275,7 +274,7 @@ def test_decode_reports_bad_latent_files(photos, tiny_vae_dir, tmp_path):
 def test_collect_inputs_files_folders_globs(photos):
     items, problems = core.collect_inputs([str(photos / "odd"), str(photos / "*.png"), str(photos / "nope")])
     assert [i.rel for i in items] == ["alpha.png", "gradient.png", "rotated.jpg", "broken.png",
-                                      "kodim01.png", "kodim02.png", "kodim03.png", "kodim04.png"]
+                                      "photo01.png", "photo02.png", "photo03.png", "photo04.png"]
     assert problems == [(str(photos / "nope"), "no such file or folder")]
     items, problems = core.collect_inputs([str(photos / "**" / "*.png"), str(photos / "odd" / "alpha.png")])
     assert "odd/alpha.png" in [i.rel for i in items] and "alpha.png" in [i.rel for i in items]
@@ -290,8 +289,8 @@ def test_plan_batches_groups_size_buckets(photos):
     assert [[i.rel for i in b] for b in batches] == [
         ["odd/gradient.png"],  # 29x37 -> 32x40
         ["odd/alpha.png", "odd/rotated.jpg"],  # 40x24 (rotated.jpg after EXIF rotation)
-        ["kodim01.png", "kodim02.png"], ["kodim03.png"],  # 48x64
-        ["kodim04.png"],  # 56x72
+        ["photo01.png", "photo02.png"], ["photo03.png"],  # 48x64
+        ["photo04.png"],  # 56x72
     ]
 
 
@@ -332,7 +331,7 @@ def test_codec_table_script(photos, tiny_vae_dir, tmp_path, capsys):
 
     data = tmp_path / "images"
     data.mkdir()
-    for name in ["kodim01.png", "kodim04.png"]:
+    for name in ["photo01.png", "photo04.png"]:
         (data / name).write_bytes((photos / name).read_bytes())
     assert codec_table(["--model", str(tiny_vae_dir), "--data", str(data), "--json", str(tmp_path / "t.json")]) == 0
     table = capsys.readouterr().out

@@ -14,15 +14,15 @@ from models.evaluate import resize_center_crop
 from models.metrics import mean_psnr, psnr, ssim
 
 
-def test_identical_images_give_infinite_psnr_and_ssim_one(kodak_dir):
-    img = np.asarray(Image.open(kodak_dir / "kodim01.png").convert("RGB"))
+def test_identical_images_give_infinite_psnr_and_ssim_one(photos_dir):
+    img = np.asarray(Image.open(photos_dir / "astronaut.png").convert("RGB"))
     assert psnr(img, img) == math.inf
     assert ssim(img, img) == pytest.approx(1.0)
     assert mean_psnr([math.inf, 30.0]) == pytest.approx(65.0)  # capped at 100 dB, stays finite
 
 
-def test_psnr_matches_its_definition_and_ssim_drops_with_noise(kodak_dir):
-    img = np.asarray(Image.open(kodak_dir / "kodim05.png").convert("RGB"))[:256, :256]
+def test_psnr_matches_its_definition_and_ssim_drops_with_noise(photos_dir):
+    img = np.asarray(Image.open(photos_dir / "coffee.png").convert("RGB"))[:256, :256]
     shifted = np.clip(img.astype(int) + 4, 0, 255).astype(np.uint8)
     mse = np.mean((shifted.astype(float) - img) ** 2)
     assert psnr(img, shifted) == pytest.approx(10 * math.log10(255**2 / mse))
@@ -38,9 +38,9 @@ def test_resize_center_crop_is_square_and_centred():
     assert out.size == (256, 256)
 
 
-def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, kodak_dir, tmp_path, capsys):
+def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, photos_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--size", "64", "--limit", "3",
+    assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--size", "64", "--limit", "3",
                       "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert rows[0]["images"] == 3 and 0 < rows[0]["psnr"] < 40 and -1 <= rows[0]["ssim"] <= 1
@@ -48,16 +48,16 @@ def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, kodak_dir, tmp_path
         1 / rows[0]["latent_std"], rel=1e-2)
     assert "| psnr |" in out.with_suffix(".md").read_text()
     # full-size mode pads 768x512 to a multiple of 8 and crops back (sides already multiples of 8 here)
-    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--limit", "1"]) == 0
+    assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--limit", "1"]) == 0
     assert "full" in capsys.readouterr().out
 
 
-def test_vae_eval_reports_a_missing_model(tmp_path, kodak_dir, capsys):
-    assert eval_main([str(tmp_path / "nope"), "--data", str(kodak_dir)]) == 2
+def test_vae_eval_reports_a_missing_model(tmp_path, photos_dir, capsys):
+    assert eval_main([str(tmp_path / "nope"), "--data", str(photos_dir)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, kodak_dir, tmp_path):
+def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, photos_dir, tmp_path):
     import torch
 
     from models.perceptual import LPIPS
@@ -68,6 +68,6 @@ def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, kodak_dir, tmp_
     state.update({f"lin{i}.model.1.weight": m.weight.abs() for i, m in enumerate(net.lins)})
     torch.save(state, tmp_path / "lpips.pth")
     out = tmp_path / "e.json"
-    assert eval_main([str(tiny_vae_dir), "--data", str(kodak_dir), "--size", "64", "--limit", "2",
+    assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--size", "64", "--limit", "2",
                       "--lpips-weights", str(tmp_path / "lpips.pth"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())[0]["lpips"] > 0

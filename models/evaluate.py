@@ -34,11 +34,17 @@ def reconstruct(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return imaging.to_uint8(imaging.crop_to(y, size)), z.float().cpu()
 
 
+def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per-channel mean of reference minus test (uint8 (H, W, 3) images), in 8-bit levels: positive
+    means the reconstruction is darker in that channel."""
+    return reference.reshape(-1, 3).astype(np.float64).mean(0) - test.reshape(-1, 3).astype(np.float64).mean(0)
+
+
 def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=None, progress: bool = True) -> dict:
     """Mean PSNR / SSIM (and LPIPS when given) of posterior-mean reconstructions, latent statistics, speed."""
     from tqdm.auto import tqdm
 
-    psnrs, ssims, lpips_values = [], [], []
+    psnrs, ssims, lpips_values, offsets = [], [], [], []
     z_sum = z_sq = z_count = 0.0
     model_seconds = 0.0
     batch: list[Image.Image] = []
@@ -54,6 +60,7 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         for ref, out in zip(reference.numpy(), recon.numpy()):
             psnrs.append(psnr(ref, out))
             ssims.append(ssim(ref, out))
+            offsets.append(colour_offset(ref, out))
         if lpips is not None:
             rec = recon.permute(0, 3, 1, 2).float() / 127.5 - 1
             lpips_values.extend(lpips(rec, x).flatten().tolist())
@@ -83,6 +90,11 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         "latent_mean": round(mean, 4),
         "latent_std": round(std, 4),
         "suggested_scaling_factor": round(1.0 / std, 5),
+        "suggested_shift_factor": round(mean, 5),
+        # Image mean minus reconstruction mean, per channel, in 8-bit levels: the signed average
+        # over images (a bias) and the worst image's worst channel (issue 13's colour targets).
+        "colour_offset_rgb": [round(float(v), 3) for v in np.mean(offsets, axis=0)],
+        "colour_offset_max": round(float(np.abs(offsets).max()), 3),
         "images_per_s": round(len(psnrs) / model_seconds, 3),
     }
     if lpips_values:
@@ -91,7 +103,8 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "latent_mean", "latent_std", "images_per_s"]
+    cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
+            "latent_mean", "latent_std", "images_per_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]

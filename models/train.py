@@ -66,6 +66,9 @@ def parse_args(argv):
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
+    p.add_argument("--max-cpu-minutes", type=float, default=0,
+                   help="stop (after a checkpoint) after this much CPU time of this process: an equal budget "
+                        "for runs that share a busy machine (wall-clock time depends on the neighbours)")
     p.add_argument("--stop-at", type=int, default=0, help="stop (after a checkpoint) at this step; resume later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -118,7 +121,9 @@ def set_rng_state(state):
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(vae, images, autocast):
-    """Mean PSNR (dB, uint8 convention) of the posterior-mean reconstruction of a fixed batch."""
+    """Mean PSNR (dB, uint8 convention) of the posterior-mean reconstruction of a fixed batch, its
+    per-channel colour offset (original minus reconstruction, 8-bit levels, averaged over images),
+    and the reconstruction."""
     from models.metrics import mean_psnr, psnr
 
     vae.eval()
@@ -129,7 +134,8 @@ def evaluate(vae, images, autocast):
     recon = torch.cat(recons)
     to_u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     a, b = to_u8(images), to_u8(recon)
-    return mean_psnr([psnr(x, y) for x, y in zip(a, b)]), recon
+    offset = (a.astype("float64").mean((1, 2)) - b.astype("float64").mean((1, 2))).mean(0)
+    return mean_psnr([psnr(x, y) for x, y in zip(a, b)]), offset, recon
 
 
 def save_grid(images, recon, path: Path):
@@ -165,15 +171,18 @@ def plot_curves(csv_path: Path, png_path: Path):
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae, dataset, autocast, n: int = 64, batch: int = 8) -> float:
-    """1 / std of the posterior-mean latents over `n` training crops (SD's 0.18215 is the same)."""
+def measure_latent_factors(vae, dataset, autocast, n: int = 64, batch: int = 8) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from the posterior-mean latents of `n` training crops, so that
+    `(z - shift) * scale` has mean 0 and standard deviation 1 there (SD's 0.18215 is 1 / std with
+    no shift; a KL weight of 1e-6 leaves the latents off-centre, so ours need the shift)."""
     vae.eval()
     zs = []
     for start in range(0, n, batch):
         x = torch.stack([dataset[k] for k in range(start, start + batch)]).to(vae.device)
         with autocast():
             zs.append(vae.encode(x).latent_dist.mode().float().cpu())
-    return float(1.0 / torch.cat(zs).std())
+    z = torch.cat(zs)
+    return float(1.0 / z.std()), float(z.mean())
 
 
 # --------------------------------------------------------------------------- main
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = state["args"]
         # The run's recipe comes from the checkpoint; only length/logging may change on resume.
-        keep = {"steps", "max_minutes", "stop_at", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
+        keep = {"steps", "max_minutes", "max_cpu_minutes", "stop_at", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
         args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in keep}, "resume": True})
     else:
         if ckpt_path.exists():
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
     batches = iter(loader)
 
     metrics_path = out / "metrics.csv"
-    fields = ["step", "time", "lr", "loss", "rec_loss", "kl", "g_loss", "d_loss", "psnr", "img_per_s", "val_psnr"]
+    fields = ["step", "time", "lr", "loss", "rec_loss", "kl", "g_loss", "d_loss", "psnr", "img_per_s", "val_psnr", "val_colour_rgb"]
     if main_proc:
         # On resume, drop rows logged after the checkpoint: those steps are about to be redone.
         kept = [r for r in csv.DictReader(open(metrics_path)) if int(r["step"]) <= step] if metrics_path.exists() else []
@@ -278,7 +287,7 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows(kept)
     pixels = 3 * args.crop * args.crop
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     bar = tqdm(total=args.steps, initial=step, disable=not main_proc, dynamic_ncols=True, unit="step")
 
     def checkpoint():
@@ -301,7 +310,8 @@ def main(argv=None) -> int:
         ema.store(raw_vae.parameters())
         ema.copy_to(raw_vae.parameters())
         if final:
-            raw_vae.register_to_config(scaling_factor=measure_scaling_factor(raw_vae, dataset, accelerator.autocast))
+            scale, shift = measure_latent_factors(raw_vae, dataset, accelerator.autocast)
+            raw_vae.register_to_config(scaling_factor=scale, shift_factor=shift)
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         raw_vae.save_pretrained(tmp)
@@ -357,13 +367,14 @@ def main(argv=None) -> int:
             row = {"step": step, "time": round(time.time() - t_start, 1), "lr": f"{sched.get_last_lr()[0]:.3g}",
                    "loss": f"{loss.item():.5f}", "rec_loss": f"{rec.item():.5f}", "kl": f"{kl.item():.5g}",
                    "g_loss": f"{g_loss.item():.4f}", "d_loss": f"{d_loss.item():.4f}",
-                   "psnr": f"{batch_psnr:.2f}", "img_per_s": f"{rate:.2f}", "val_psnr": ""}
+                   "psnr": f"{batch_psnr:.2f}", "img_per_s": f"{rate:.2f}", "val_psnr": "", "val_colour_rgb": ""}
             if val_batch is not None and (step % args.eval_every == 0 or step == args.steps) and main_proc:
                 ema.store(raw_vae.parameters())
                 ema.copy_to(raw_vae.parameters())
-                val_psnr, val_recon = evaluate(raw_vae, val_batch, accelerator.autocast)
+                val_psnr, val_offset, val_recon = evaluate(raw_vae, val_batch, accelerator.autocast)
                 ema.restore(raw_vae.parameters())
                 row["val_psnr"] = f"{val_psnr:.2f}"
+                row["val_colour_rgb"] = " ".join(f"{v:+.2f}" for v in val_offset)
                 save_grid(val_batch.cpu(), val_recon.cpu(), out / f"recon-{step:07d}.png")
             if main_proc:
                 with open(metrics_path, "a", newline="") as f:
@@ -374,18 +385,20 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=row["loss"], psnr=row["psnr"], img_s=f"{rate:.1f}",
                             **({"val": row["val_psnr"]} if row["val_psnr"] else {}))
 
-        pause = (args.max_minutes and (time.time() - t_start) > args.max_minutes * 60) or step == args.stop_at
+        pause = ((args.max_minutes and (time.time() - t_start) > args.max_minutes * 60)
+                 or (args.max_cpu_minutes and (time.process_time() - cpu_start) > args.max_cpu_minutes * 60)
+                 or step == args.stop_at)
         if step % args.checkpoint_every == 0 or step == args.steps or pause:
             checkpoint()
         if pause:
-            bar.write(f"pausing at step {step} (--max-minutes / --stop-at); continue with --resume")
+            bar.write(f"pausing at step {step} (--max-minutes / --max-cpu-minutes / --stop-at); continue with --resume")
             break
     bar.close()
     export(final=True)
     if main_proc:
         plot_curves(metrics_path, out / "curves.png")
         print(f"saved {out / 'model'} at step {step} (scaling_factor "
-              f"{raw_vae.config.scaling_factor:.5f})")
+              f"{raw_vae.config.scaling_factor:.5f}, shift_factor {raw_vae.config.shift_factor:.5f})")
     return 0
 
 

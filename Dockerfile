@@ -42,7 +42,7 @@ COPY benchmarks/ benchmarks/
 # /opt/venv/default-model: a stable path to the installed default model, for VAE_MODELS lists
 # that name it beside others (e.g. default=/opt/venv/default-model,mine=/models/mine).
 RUN pip install --no-cache-dir . \
-    && python -c "import os, app.cli, models.loading as m; os.symlink(m.DEFAULT_MODEL_DIR, '/opt/venv/default-model')"
+    && python -c "import os, app.cli.main, models.vae.loading as m; os.symlink(m.DEFAULT_MODEL_DIR, '/opt/venv/default-model')"
 
 # ---------------------------------------------------------------------------------------
 # Stage 2: the runtime image; no build context, no pip cache, no sources.

@@ -17,8 +17,8 @@ import requests
 import torch
 from PIL import Image
 
-from app import wire
-from models import imaging
+from app.protocol import wire
+from models.vae import imaging
 
 
 class VAEClientError(RuntimeError):

@@ -10,7 +10,7 @@ Systems ("modes"), all in one run:
 Per model, op (encode, decode, roundtrip) and size: median and p90 latency of `--runs` runs
 (after one warm-up call), images/s at each `--concurrency` (HTTP modes; in-process modes report
 1 / median at concurrency 1), peak RSS of the process doing the work (VmHWM, reset per
-measurement through /proc/PID/clear_refs), FLOPs (models.info.count_flops) and achieved GFLOP/s
+measurement through /proc/PID/clear_refs), FLOPs (models.vae.info.count_flops) and achieved GFLOP/s
 against this machine's measured peak (large bf16 and fp32 matmuls, in the same run).
 
 HTTP requests: /encode gets a PNG and answers raw float32 latents; /decode gets raw float32
@@ -152,7 +152,7 @@ def resolve_models(specs: list[str], workdir: Path) -> list[ModelSpec]:
             if not (path / "config.json").is_file():
                 from diffusers import AutoencoderKL
 
-                from models.presets import preset_config
+                from models.training.presets import preset_config
 
                 torch.manual_seed(0)
                 AutoencoderKL(**preset_config("sd")).save_pretrained(path)
@@ -186,7 +186,7 @@ def test_image(size: int, seed: int = 0) -> np.ndarray:
     """An (size, size, 3) uint8 photo: one of photo_files(), short side scaled and centre-cropped."""
     from PIL import Image
 
-    from models.imaging import resize_center_crop
+    from models.vae.imaging import resize_center_crop
 
     files = photo_files()
     img = Image.open(files[seed % len(files)]).convert("RGB")
@@ -217,7 +217,7 @@ class InProcess:
             self.vae = AutoencoderKL.from_pretrained(str(model.path), local_files_only=True).eval()
             self.ours = None
         else:
-            from models.inference import VAEModel
+            from models.vae.inference import VAEModel
 
             self.ours = VAEModel.load(model.name, model.path, dtype="bfloat16" if "bf16" in mode else "float32")
 
@@ -250,7 +250,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "app.serve", "--model", f"{model.name}={model.path}", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "app.cli.serve", "--model", f"{model.name}={model.path}", "--port", str(self.port),
                "--max-pixels", str(max_pixels), "--max-body-bytes", str(512 * 2**20), "--log-level", "warning", *extra]
         env = {**os.environ, "VAE_REQUEST_TIMEOUT": "7200", "VAE_MAX_QUEUE": "256", "VAE_LOG_FORMAT": "text"}
         self.log = tempfile.TemporaryFile()
@@ -349,7 +349,7 @@ def bench_one(system, op: str, size: int, inputs: dict, runs: int, concurrency: 
 def run_benchmarks(args, models: list[ModelSpec], peak: dict, log) -> list[dict]:
     from diffusers import AutoencoderKL
 
-    from models.info import count_flops
+    from models.vae.info import count_flops
 
     rows = []
     for model in models:
@@ -416,8 +416,8 @@ def kodak_quality(model: ModelSpec, kodak: Path, limit: int | None) -> dict:
     """Mean PSNR / SSIM of fp32 and bf16 (fast path) roundtrips against the originals."""
     from PIL import Image
 
-    from models import imaging
-    from models.inference import VAEModel
+    from models.vae import imaging
+    from models.vae.inference import VAEModel
     from models.metrics import psnr, ssim
 
     files = sorted(kodak.glob("*.png"))[:limit]
@@ -442,8 +442,8 @@ def tiling_check(model: ModelSpec, size: int, tile_size: int, out: Path, dtype: 
     """Tiled against untiled roundtrip at size x size: PSNR of each against the input, sample images."""
     from PIL import Image
 
-    from models import imaging
-    from models.inference import VAEModel
+    from models.vae import imaging
+    from models.vae.inference import VAEModel
     from models.metrics import psnr
 
     m = VAEModel.load(model.name, model.path, dtype=dtype, tile_size=tile_size)
@@ -604,7 +604,7 @@ def parse_args(argv):
     p.add_argument("--kodak-limit", type=int, default=None, help="use only the first N Kodak images")
     p.add_argument("--no-kodak", action="store_true")
     p.add_argument("--tiling-size", type=int, default=None, help="tiled vs untiled PSNR at this size (default 1024; 0: skip)")
-    p.add_argument("--tile-size", type=int, default=768)  # the server default (app.settings)
+    p.add_argument("--tile-size", type=int, default=768)  # the server default (app.http.settings)
     p.add_argument("--large", type=int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
     p.add_argument("--no-untiled", action="store_true", help="with --large: skip the untiled server")
     p.add_argument("--no-tiled", action="store_true", help="with --large: only the untiled server")

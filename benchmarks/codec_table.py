@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import imaging, latent_store
-from models.data import list_images
+from models.vae import imaging
+from models.vae import latent_files as latent_store
+from models.training.data import list_images
 from models.metrics import mean_psnr, psnr, ssim
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the per-format means as JSON")
     args = p.parse_args(argv)
 
-    from models.inference import VAEModel
+    from models.vae.inference import VAEModel
 
     model = VAEModel.load(Path(args.model).name, args.model, device=args.device)
     files = list_images([args.data])[: args.limit or None]

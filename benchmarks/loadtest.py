@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "app.cli.main", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-queue", str(args.max_queue), "--log-level", "warning", *args.extra.split()]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))

@@ -16,9 +16,9 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models.inference import VAEModel
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae.inference import VAEModel
 from vae_testing import gradient_image, live_server
 
 LIMIT = 300_000  # max body bytes for this server

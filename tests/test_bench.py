@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from app.cli import main as vae
+from app.cli.main import main as vae
 
 
 def test_bench_quick_writes_json_markdown_and_plot(tiny_vae_dir, tmp_path, capsys):

@@ -34,9 +34,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def server(tiny_vae_dir, tmp_path):
-    from app.server import ModelRegistry, create_app
-    from app.settings import Settings
-    from models.inference import VAEModel
+    from app.http.app import ModelRegistry, create_app
+    from app.http.settings import Settings
+    from models.vae.inference import VAEModel
 
     other = tmp_path / "tiny-b"
     make_tiny_vae(seed=1).save_pretrained(other)

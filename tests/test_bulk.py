@@ -1,4 +1,4 @@
-"""`vae encode` / `vae decode` (app.bulk): real images, resume after interruption, --server, shards."""
+"""`vae encode` / `vae decode` (app.bulk.cli): real images, resume after interruption, --server, shards."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import requests
 import torch
 from PIL import Image
 
-from app import bulk_core as core
-from app.bulk import main
-from models import imaging, latent_store
-from models.inference import VAEModel
+from app.bulk import jobs as core
+from app.bulk.cli import main
+from models.vae import imaging
+from models.vae import latent_files as latent_store
+from models.vae.inference import VAEModel
 from models.metrics import psnr
 from vae_testing import gradient_image, live_server
 
@@ -134,13 +135,13 @@ def test_rerun_skips_finished_files_and_redoes_changed_settings(photos, tiny_vae
 
 SLOW_ENCODE = """
 import sys, time
-from models.inference import VAEModel
+from models.vae.inference import VAEModel
 encode = VAEModel.encode
 def slow(self, *args, **kwargs):
     time.sleep(0.4)
     return encode(self, *args, **kwargs)
 VAEModel.encode = slow
-from app.bulk import main
+from app.bulk.cli import main
 sys.exit(main("encode", sys.argv[1:]))
 """
 
@@ -205,8 +206,8 @@ def flaky_server(tiny_vae_dir):
     """A real server on loopback whose first two /encode and first /decode requests get 503."""
     from fastapi.responses import JSONResponse
 
-    from app.server import create_app
-    from app.settings import Settings
+    from app.http.app import create_app
+    from app.http.settings import Settings
 
     app = create_app(Settings(models=[f"tiny={tiny_vae_dir}"], model_threads=2))
     busy = {"/encode": 2, "/decode": 1, "served": 0}
@@ -318,10 +319,10 @@ def test_retry_helper_backs_off_then_gives_up():
 
 
 def test_no_model_is_a_clear_error(photos, tmp_path, capsys, monkeypatch):
-    import models.loading
+    import models.vae.loading
 
     # As on an install without the shipped default model.
-    monkeypatch.setattr(models.loading, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
+    monkeypatch.setattr(models.vae.loading, "DEFAULT_MODEL_DIR", tmp_path / "no-default")
     assert main("encode", [str(photos), "--out", str(tmp_path / "x")]) == 2
     assert "--model" in capsys.readouterr().err
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from app import serve
-from app.settings import Settings
+from app.cli import serve
+from app.http.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def _free_port() -> int:
 def test_vae_serve_process_answers(tiny_vae_dir):
     port = _free_port()
     env = {**os.environ, "VAE_PORT": str(port), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--model", f"tiny={tiny_vae_dir}", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "app.cli.main", "serve", "--model", f"tiny={tiny_vae_dir}", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -107,7 +107,7 @@ def test_vae_serve_process_answers(tiny_vae_dir):
 def _start(tiny_vae_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "VAE_PORT": str(port), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--model", f"tiny={tiny_vae_dir}", *extra]
+    cmd = [sys.executable, "-m", "app.cli.main", "serve", "--model", f"tiny={tiny_vae_dir}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

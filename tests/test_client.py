@@ -8,10 +8,10 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from app.client import RemoteAutoencoderKL, VAEClient, VAEClientError
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from models.metrics import psnr
 from vae_testing import gradient_image, live_server
 

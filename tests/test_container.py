@@ -286,8 +286,8 @@ def test_compose_service_contract():
 
 
 def _server_settings() -> set[str]:
-    """The VAE_* variables the server reads (app.settings.Settings)."""
-    from app.settings import Settings
+    """The VAE_* variables the server reads (app.http.settings.Settings)."""
+    from app.http.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
     return {prefix.upper() + name.upper() for name in Settings.model_fields}
@@ -376,7 +376,7 @@ def test_dockerfile_structure():
     assert any("--from=" in args and "/opt/venv" in args for kw, args in final if kw == "COPY")
     assert '"default/*"' in (ROOT / "pyproject.toml").read_text(), "models/default must stay package data"
     # ...reachable at a stable path for VAE_MODELS lists (docs/deployment.md names it).
-    from models.loading import DEFAULT_MODEL_DIR
+    from models.vae.loading import DEFAULT_MODEL_DIR
 
     assert DEFAULT_MODEL_DIR.name == "default" and DEFAULT_MODEL_DIR.parent.name == "models"
     assert re.search(r"os\.symlink\(m\.DEFAULT_MODEL_DIR, '/opt/venv/default-model'\)", text), "default-model link"
@@ -427,7 +427,7 @@ def test_dockerignore_keeps_the_context_small_and_complete():
         line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
     # Everything the Dockerfile copies is in the context...
-    for path in ("pyproject.toml", "README.md", "app/cli.py", "models/__init__.py", "models/default/config.json",
+    for path in ("pyproject.toml", "README.md", "app/cli/main.py", "models/__init__.py", "models/default/config.json",
                  "models/default/diffusion_pytorch_model.safetensors", "benchmarks/__init__.py"):
         assert not _dockerignored(path, patterns), path
     for kw, args in parse_dockerfile(DOCKERFILE.read_text()):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.evaluate import main as eval_main
-from models.evaluate import resize_center_crop
+from models.training.evaluate import main as eval_main
+from models.training.evaluate import resize_center_crop
 from models.metrics import mean_psnr, psnr, ssim
 
 
@@ -60,7 +60,7 @@ def test_vae_eval_reports_a_missing_model(tmp_path, photos_dir, capsys):
 def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, photos_dir, tmp_path):
     import torch
 
-    from models.perceptual import LPIPS
+    from models.training.perceptual import LPIPS
 
     torch.manual_seed(0)
     net = LPIPS()

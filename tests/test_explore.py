@@ -1,4 +1,4 @@
-"""POST /sample and POST /interpolate (app/explore.py) and their math (models/latent_ops.py)."""
+"""POST /sample and POST /interpolate (app/http/explore.py) and their math (models/vae/latent_ops.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from models import imaging, latent_ops
+from models.vae import imaging
+from models.vae import latent_ops
 from vae_testing import gradient_image
 
 NPY = {"Accept": "application/x-npy"}
@@ -17,7 +18,7 @@ NPY = {"Accept": "application/x-npy"}
 
 @pytest.fixture(scope="module")
 def model(tiny_vae_dir):
-    from models.inference import VAEModel
+    from models.vae.inference import VAEModel
 
     return VAEModel.load("tiny", tiny_vae_dir)
 
@@ -26,8 +27,8 @@ def model(tiny_vae_dir):
 def client(model):
     from fastapi.testclient import TestClient
 
-    from app.server import ModelRegistry, create_app
-    from app.settings import Settings
+    from app.http.app import ModelRegistry, create_app
+    from app.http.settings import Settings
 
     app = create_app(Settings(warmup=False, max_pixels=256 * 256), ModelRegistry([model]))
     with TestClient(app) as c:

@@ -1,4 +1,4 @@
-"""The half-precision fast path of models.inference.VAEModel: bf16 close to fp32, layout choice,
+"""The half-precision fast path of models.vae.inference.VAEModel: bf16 close to fp32, layout choice,
 NaN retry in float32, force_upcast, and the serve flags. Timings are never asserted here."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_vae
-from models.inference import VAEModel
-from models.loading import LoadedWeights, ModelLoadError
+from models.vae.inference import VAEModel
+from models.vae.loading import LoadedWeights, ModelLoadError
 
 
 def wrap(vae, **options) -> VAEModel:
@@ -109,7 +109,7 @@ def test_channels_last_can_be_forced(tiny_vae_dir):
 
 
 def test_serve_flags_reach_settings(monkeypatch):
-    from app.serve import settings_from_args
+    from app.cli.serve import settings_from_args
 
     monkeypatch.delenv("VAE_TILE_THRESHOLD_PIXELS", raising=False)
     s = settings_from_args(["--model", "a=/x", "--compile", "--tile-threshold-pixels", "0", "--tile-size", "256",

@@ -1,4 +1,4 @@
-"""models.imaging: decoding rules, VaeImageProcessor-identical numerics, padding."""
+"""models.vae.imaging: decoding rules, VaeImageProcessor-identical numerics, padding."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from models import imaging
-from models.imaging import ImageError
+from models.vae import imaging
+from models.vae.imaging import ImageError
 from vae_testing import gradient_image
 
 

@@ -1,4 +1,4 @@
-"""models.latent_store: the latent file format, quantisation, atomic writes and tar shards."""
+"""models.vae.latent_files: the latent file format, quantisation, atomic writes and tar shards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from models import latent_store as ls
+from models.vae import latent_files as ls
 
 OPTIONS = dict(model="tiny", model_sha256="ab" * 32, scaling_factor=0.5, shift_factor=0.1)
 

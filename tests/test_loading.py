@@ -1,4 +1,4 @@
-"""models.loading / models.inference / models.ldm_keys / models.info on tiny random VAEs."""
+"""models.vae.loading / models.vae.inference / models.vae.ldm_keys / models.vae.info on tiny random VAEs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import safetensors.torch
 import torch
 
 from conftest import make_tiny_vae
-from models import imaging, info
-from models.inference import VAEModel, scale_latents, unscale_latents
-from models.ldm_keys import diffusers_to_ldm
-from models.loading import SD_KL_F8_CONFIG_DIR, WEIGHTS_NAME, ModelLoadError, load_weights
+from models.vae import imaging
+from models.vae import info
+from models.vae.inference import VAEModel, scale_latents, unscale_latents
+from models.vae.ldm_keys import diffusers_to_ldm
+from models.vae.loading import SD_KL_F8_CONFIG_DIR, WEIGHTS_NAME, ModelLoadError, load_weights
 from vae_testing import gradient_image
 
 

@@ -10,13 +10,13 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import wire
-from app.observability import JsonFormatter, REQUEST_ID
-from app.ops import begin_drain
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.protocol import wire
+from app.http.observability import JsonFormatter, REQUEST_ID
+from app.http.request_path import begin_drain
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from vae_testing import gradient_image
 
 PNG = imaging.encode_image(gradient_image(16, 16), "png")

@@ -2,7 +2,7 @@
 
 import torch
 
-from models.perceptual import LPIPS, merge_weights
+from models.training.perceptual import LPIPS, merge_weights
 
 
 def test_lpips_from_local_weights(tmp_path):

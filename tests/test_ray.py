@@ -16,10 +16,10 @@ import requests
 import torch
 from PIL import Image
 
-from app import ray_serve
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.http import ray_serve
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from test_bulk import photos, reference_roundtrip, run  # noqa: F401  (photos is a fixture)
 
 SKIP = "Ray is an optional extra: pip install -e '.[ray]' to run the Ray tests"
@@ -106,7 +106,7 @@ def test_deployment_options_and_cli_flags():
     auto = ray_serve.deployment_options({"min_replicas": 1, "max_replicas": 4}, "cuda")
     assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
     assert auto["ray_actor_options"]["num_gpus"] == 1  # one GPU per replica with --device cuda
-    from app.serve import build_parser
+    from app.cli.serve import build_parser
 
     args = build_parser(Settings()).parse_args(["--ray", "--max-replicas", "4", "--num-gpus", "0.5"])
     assert args.ray and args.max_replicas == 4 and args.num_gpus == 0.5

@@ -9,10 +9,10 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.remote_utils import remote_decode, remote_encode
 from PIL import Image
 
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from vae_testing import gradient_image, live_server
 
 SCALE = 0.5  # the tiny model's config.scaling_factor

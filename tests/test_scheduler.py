@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import wire
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.protocol import wire
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from vae_testing import gradient_image, live_server
 
 

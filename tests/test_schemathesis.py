@@ -13,9 +13,9 @@ import pytest
 import schemathesis
 from schemathesis import checks
 
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models.inference import VAEModel
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae.inference import VAEModel
 
 BINARY = ("image/png", "image/jpeg", "image/webp", "tensor/binary", "application/octet-stream",
           "application/x-safetensors", "application/x-npy")

@@ -12,11 +12,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import wire
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models.inference import VAEModel
+from app.protocol import wire
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae.inference import VAEModel
 from models.metrics import psnr
 from vae_testing import gradient_image
 

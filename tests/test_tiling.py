@@ -1,5 +1,5 @@
 """Tiled encode / decode (diffusers' overlapping tiles with linear blending, GroupNorm statistics
-shared across tiles by models/tiling.py) for large images: close to untiled on a smooth image,
+shared across tiles by models/vae/tiling.py) for large images: close to untiled on a smooth image,
 switched on above the pixel threshold, `?tiled=true` over HTTP, at most 0.2 dB worse on the trained model."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from app.server import ModelRegistry, create_app
-from app.settings import Settings
-from models import imaging
-from models import tiling
-from models.inference import VAEModel
+from app.http.app import ModelRegistry, create_app
+from app.http.settings import Settings
+from models.vae import imaging
+from models.vae import tiling
+from models.vae.inference import VAEModel
 from models.metrics import psnr
 
 
@@ -67,7 +67,7 @@ def test_threshold_switches_tiling_on(model, monkeypatch):
     model.decode(model.encode(small))
     assert calls == []
     model.decode(model.encode(large))
-    # Twice each: tile_norm_passes=2 (a statistics pass, then the applying pass; models/tiling.py).
+    # Twice each: tile_norm_passes=2 (a statistics pass, then the applying pass; models/vae/tiling.py).
     assert calls == [("enc", (104, 96))] * 2 + [("dec", (13, 12))] * 2
     calls.clear()
     model.decode(model.encode(large, tiled=False), tiled=False)  # explicit off wins
@@ -135,7 +135,7 @@ def test_tiled_query_parameter_over_http(tiny_vae_dir):
         assert r.status_code in (400, 422) and "Traceback" not in r.text
 
 
-# --- models/tiling.py: GroupNorm statistics shared across tiles ------------------------------
+# --- models/vae/tiling.py: GroupNorm statistics shared across tiles ------------------------------
 
 def conv_norm(seed=0) -> nn.Module:
     torch.manual_seed(seed)

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import TINY_CONFIG, make_tiny_vae
-from models import train
-from models.data import RandomCrops, list_images
+from models.training import train
+from models.training.data import RandomCrops, list_images
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(image_folder, tiny_con
 
 def test_kill_9_loses_at_most_checkpoint_every_steps(image_folder, tiny_config, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "models.train", *_args(image_folder, out, tiny_config, "--steps", "100000")]
+    cmd = [sys.executable, "-m", "models.training.train", *_args(image_folder, out, tiny_config, "--steps", "100000")]
     cmd[cmd.index("--checkpoint-every") + 1] = "2"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=Path(__file__).resolve().parents[1])
@@ -123,8 +123,8 @@ def test_kill_9_loses_at_most_checkpoint_every_steps(image_folder, tiny_config, 
 def test_export_single_file_round_trip(tmp_path):
     from diffusers import AutoencoderKL
 
-    from models.export import main as export_main
-    from models.loading import load_weights
+    from models.vae.export import main as export_main
+    from models.vae.loading import load_weights
 
     vae = make_tiny_vae(seed=5)
     vae.save_pretrained(tmp_path / "m")
@@ -159,8 +159,8 @@ def test_decoder_only_fine_tune_from_init_keeps_the_encoder(image_folder, tiny_v
 
 
 def test_export_float16_diffusers_folder(tmp_path):
-    from models.export import main as export_main
-    from models.loading import load_weights
+    from models.vae.export import main as export_main
+    from models.vae.loading import load_weights
 
     vae = make_tiny_vae(seed=7)
     vae.save_pretrained(tmp_path / "m")
@@ -175,8 +175,8 @@ def test_export_float16_diffusers_folder(tmp_path):
 def test_presets_are_kl_f8_and_small_fits_a_quarter_of_sd_decoder_flops():
     from diffusers import AutoencoderKL
 
-    from models.info import count_flops
-    from models.presets import PRESETS
+    from models.vae.info import count_flops
+    from models.training.presets import PRESETS
 
     flops = {}
     for name, config in PRESETS.items():

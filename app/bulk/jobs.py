@@ -1,0 +1,402 @@
+"""Building blocks of `vae encode` / `vae decode`, shared by the local, `--server` and Ray paths.
+
+Flow of an encode job: `collect_inputs` (files, folders, globs -> Items with relative paths) ->
+skip what the sink already holds -> `plan_batches` (image headers -> size buckets -> batches) ->
+`iter_loaded` (parallel image decoding, in order) -> an encoder (in-process model or HTTP
+client) -> `encode_loaded` (latent file bytes) -> a sink (one file per image, or tar shards).
+The plan is a pure function of the to-do list, so the Ray path, which runs the same batches on
+actors, produces byte-identical files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.vae import imaging
+from models.vae import latent_files as latent_store
+from models.training.data import IMAGE_SUFFIXES
+
+EXIF_ORIENTATION = 0x0112
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # the file to read
+    rel: str  # POSIX path relative to its input root: names the output
+    nbytes: int = 0
+    hw: tuple[int, int] | None = None  # oriented (H, W) from the header, once planned
+
+
+@dataclass
+class Outcome:
+    item: Item
+    payload: bytes | None = None
+    error: str | None = None
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: relative paths start there."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def collect_inputs(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Files, folders (recursive, by suffix) and globs -> (Items, [(input, reason)] for bad inputs).
+
+    Relative paths: a folder's files relative to the folder, a glob's matches relative to the folder
+    before its first wildcard, a plain file by its name. Two inputs with the same relative path
+    would overwrite each other's output, so the second is reported instead.
+    """
+    items: list[Item] = []
+    problems: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+
+    def add(path: Path, rel: Path) -> None:
+        key = rel.as_posix()
+        if key in seen:
+            problems.append((str(path), f"same relative path {key!r} as {seen[key]}"))
+            return
+        seen[key] = str(path)
+        items.append(Item(str(path), key, path.stat().st_size))
+
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+                add(f, f.relative_to(path))
+        elif path.is_file():
+            add(path, Path(path.name))
+        elif glob.has_magic(raw):
+            root = _glob_root(raw)
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True) if Path(m).is_file())
+            if not matches:
+                problems.append((raw, "pattern matches no file"))
+            for f in matches:
+                add(f, f.relative_to(root))
+        else:
+            problems.append((raw, "no such file or folder"))
+    return items, problems
+
+
+# --- planning and loading ----------------------------------------------------------------------
+
+def probe_size(path: str) -> tuple[int, int]:
+    """(H, W) after EXIF orientation, from the header only (nothing is decoded)."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            w, h = h, w
+    return h, w
+
+
+def bucket_of(hw: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """Padded size: images of one bucket share a model batch after padding."""
+    return (math.ceil(hw[0] / multiple) * multiple, math.ceil(hw[1] / multiple) * multiple)
+
+
+def plan_batches(
+    items: list[Item], batch_size: int, multiple: int, workers: int = 4
+) -> tuple[list[list[Item]], list[Outcome]]:
+    """Group items by size bucket (headers read in parallel) into batches of at most `batch_size`.
+
+    Deterministic: buckets in size order, items in input order within a bucket.
+    """
+
+    def probe(item: Item):
+        try:
+            return probe_size(item.path)
+        except Exception as exc:  # any unreadable header: report, never stop the job
+            return f"cannot read image header: {exc}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        sizes = list(pool.map(probe, items))
+    buckets: dict[tuple[int, int], list[Item]] = {}
+    failures = []
+    for item, hw in zip(items, sizes):
+        if isinstance(hw, str):
+            failures.append(Outcome(item, error=hw))
+            continue
+        buckets.setdefault(bucket_of(hw, multiple), []).append(Item(item.path, item.rel, item.nbytes, hw))
+    batches = [
+        group[i : i + batch_size] for key in sorted(buckets) for group in [buckets[key]]
+        for i in range(0, len(group), batch_size)
+    ]
+    return batches, failures
+
+
+@dataclass
+class Loaded:
+    item: Item
+    image: Image.Image | None = None  # 8-bit RGB
+    data: bytes = b""  # the file as read (sent as is by the HTTP client)
+    error: str | None = None
+
+
+def load_image(item: Item, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> Loaded:
+    try:
+        data = Path(item.path).read_bytes()
+        return Loaded(item, imaging.open_image(data, max_pixels=max_pixels), data)
+    except imaging.ImageError as exc:
+        return Loaded(item, error=exc.message)
+    except OSError as exc:
+        return Loaded(item, error=f"cannot read file: {exc}")
+
+
+def iter_loaded(batches: list[list[Item]], load, workers: int, lookahead: int = 64):
+    """Yield each batch as a list of `load(item)` results, loading up to `lookahead` items ahead in threads.
+
+    PIL releases the GIL while decoding, so threads decode images in parallel with the model.
+    """
+    flat = [(b, item) for b, batch in enumerate(batches) for item in batch]
+    pending: deque = deque()
+    current, current_index = [], 0
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        it = iter(flat)
+        for b, item in it:
+            pending.append((b, pool.submit(load, item)))
+            if len(pending) >= lookahead:
+                break
+        while pending:
+            b, future = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], pool.submit(load, nxt[1])))
+            if b != current_index:
+                yield current
+                current, current_index = [], b
+            current.append(future.result())
+        if current:
+            yield current
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+class LocalEncoder:
+    """In-process model. `encode(images)` -> raw latents (1, C, h, w) per image, in order."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def store_facts(self) -> dict:
+        m = self.model
+        return dict(model=m.name, model_sha256=m.sha256, scaling_factor=m.scaling_factor, shift_factor=m.shift_factor)
+
+    def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
+        f = self.model.downsample_factor
+        # Pad each image to its bucket first so images of one bucket (not only of one size) batch together.
+        tensors = [imaging.pad_to_multiple(imaging.to_tensor(entry.image), f)[0] for entry in loaded]
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        out: list = [None] * len(loaded)
+        for idx in groups.values():
+            z = self.model.encode(torch.cat([tensors[i] for i in idx])).cpu()
+            for j, i in enumerate(idx):
+                out[i] = z[j : j + 1]
+        return out
+
+
+class _ThreadClients:
+    """One VAEClient (and so one requests.Session) per thread: Sessions are not thread-safe."""
+
+    def __init__(self, url: str, model: str | None, timeout: float):
+        self.url, self.model, self.timeout = url, model, timeout
+        self._local = threading.local()
+
+    def get(self):
+        from app.client import VAEClient
+
+        if not hasattr(self._local, "client"):
+            self._local.client = VAEClient(self.url, model=self.model, timeout=self.timeout)
+        return self._local.client
+
+
+def call_with_retries(fn, retries: int = 5, backoff: float = 0.5, sleep=time.sleep):
+    """`fn()`, retried with exponential backoff and jitter on 429/502/503/504 and connection errors."""
+    import requests
+
+    from app.client import VAEClientError
+
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except VAEClientError as exc:
+            if exc.status not in RETRY_STATUS or attempt == retries:
+                raise
+        except (requests.ConnectionError, requests.Timeout):
+            if attempt == retries:
+                raise
+        sleep(min(backoff * 2**attempt, 30.0) * random.uniform(0.5, 1.0))
+
+
+class RemoteEncoder:
+    """A `vae serve` instance: `concurrency` requests in flight, retries on overload."""
+
+    def __init__(self, url: str, model: str | None = None, concurrency: int = 4, retries: int = 5,
+                 backoff: float = 0.5, timeout: float = 300.0):
+        self.clients = _ThreadClients(url, model, timeout)
+        self.pool = ThreadPoolExecutor(max(1, concurrency))
+        self.retries, self.backoff = retries, backoff
+
+    def info(self) -> dict:
+        return call_with_retries(lambda: self.clients.get().model_info(), self.retries, self.backoff)
+
+    def store_facts(self) -> dict:
+        info = self.info()
+        return dict(model=info["name"], model_sha256=info["sha256"], scaling_factor=info["scaling_factor"],
+                    shift_factor=info["shift_factor"])
+
+    def _call(self, fn):
+        try:
+            return call_with_retries(fn, self.retries, self.backoff)
+        except Exception as exc:  # VAEClientError, requests errors: one image fails, the job goes on
+            return f"server: {exc}"
+
+    def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
+        futures = [self.pool.submit(self._call, lambda e=e: self.clients.get().encode(e.data)) for e in loaded]
+        return [f.result() for f in futures]
+
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor | str]:
+        """Raw latents (1, C, h, w) each -> uint8 (1, H, W, 3) each (uncropped)."""
+        futures = [self.pool.submit(self._call, lambda z=z: self.clients.get().decode_tensor(z, postprocess=True))
+                   for z in latents]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def encode_loaded(encoder, loaded: list[Loaded], options: latent_store.StoreOptions) -> list[Outcome]:
+    """Loaded images of one batch -> Outcomes with latent file bytes (or the reason each one failed)."""
+    good = [entry for entry in loaded if entry.error is None]
+    outcomes = {id(entry): Outcome(entry.item, error=entry.error) for entry in loaded if entry.error is not None}
+    if good:
+        try:
+            results = encoder.encode(good)
+        except Exception as exc:  # a model failure (e.g. out of memory) fails this batch only
+            results = [f"model: {type(exc).__name__}: {exc}"] * len(good)
+        for entry, z in zip(good, results):
+            if isinstance(z, str):
+                outcomes[id(entry)] = Outcome(entry.item, error=z)
+            else:
+                size = (entry.image.height, entry.image.width)
+                outcomes[id(entry)] = Outcome(entry.item, latent_store.encode_record(z, options, entry.item.rel, size))
+    return [outcomes[id(entry)] for entry in loaded]
+
+
+# --- sinks -------------------------------------------------------------------------------------
+
+class FileSink:
+    """One `<rel>.safetensors` per image. Done = exists and was made with the same model and storage."""
+
+    def __init__(self, out: str | Path, options: latent_store.StoreOptions | None = None):
+        self.out, self.options = Path(out), options
+        self.out.mkdir(parents=True, exist_ok=True)
+        latent_store.remove_partials(self.out)
+
+    def is_done(self, item: Item) -> bool:
+        path = latent_store.latent_path(self.out, item.rel)
+        if not path.is_file():
+            return False
+        try:
+            meta = latent_store.read_metadata(path)
+        except (OSError, latent_store.LatentFormatError):
+            return False  # damaged by something else: redo it
+        o = self.options
+        return o is None or (meta.get("model_sha256") == o.model_sha256 and meta.get("dtype") == o.stored_dtype
+                             and meta.get("scaled") == json.dumps(o.scaled))
+
+    def write(self, item: Item, payload: bytes) -> int:
+        latent_store.write_atomic(latent_store.latent_path(self.out, item.rel), payload)
+        return len(payload)
+
+    def close(self) -> None:
+        pass
+
+
+class ShardSink:
+    """WebDataset tar shards of `shard_size` samples. Done = key present in a finished shard."""
+
+    def __init__(self, out: str | Path, shard_size: int):
+        if Path(out).is_dir():
+            latent_store.remove_partials(out)
+        self.writer = latent_store.ShardWriter(out, shard_size)
+        self.done = self.writer.done_keys()
+
+    def is_done(self, item: Item) -> bool:
+        return latent_store.sample_key(item.rel) in self.done
+
+    def write(self, item: Item, payload: bytes) -> int:
+        self.writer.add(latent_store.sample_key(item.rel), payload)
+        return len(payload)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    """What a job did. `bytes_in`/`bytes_out`: sizes of the inputs and outputs of this run's work."""
+
+    action: str
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def restart_clock(self) -> None:
+        self.started = time.monotonic()
+
+    def fail(self, label: str, reason: str) -> None:
+        self.failures.append((label, reason))
+
+    def as_dict(self) -> dict:
+        seconds = time.monotonic() - self.started
+        return {
+            "action": self.action, "total": self.total, "done": self.done, "skipped": self.skipped,
+            "failed": len(self.failures), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "ratio": round(self.bytes_in / self.bytes_out, 3) if self.bytes_out else None,
+            "seconds": round(seconds, 2), "images_per_second": round(self.done / seconds, 2) if seconds else None,
+            "failures": [{"input": label, "reason": reason} for label, reason in self.failures],
+        }
+
+    def text(self) -> str:
+        d = self.as_dict()
+        ratio = f"{d['ratio']:.1f}x" if d["ratio"] else "-"
+        lines = [
+            f"vae {self.action}: {d['done']} done, {d['skipped']} already done (skipped), {d['failed']} failed "
+            f"of {d['total']} in {d['seconds']:.1f} s ({d['images_per_second'] or 0:.1f} images/s)",
+            f"  bytes in {d['bytes_in']:,}  bytes out {d['bytes_out']:,}  ratio in/out {ratio}",
+        ]
+        lines += [f"  FAILED {label}: {reason}" for label, reason in self.failures]
+        return "\n".join(lines)
+
+
+def crop_uint8(images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (1, H', W', 3) -> (H, W, 3) numpy, the top-left crop to the original `size`."""
+    return images[0, : size[0], : size[1]].numpy()

@@ -1,0 +1,121 @@
+"""Training data: folders of images -> random RGB crops in [-1, 1].
+
+The stream is a pure function of (seed, sample number): sample k picks its file from a
+per-epoch permutation and its augmentation from `default_rng([seed, k])`. Resuming at step s
+therefore needs no sampler state (start at sample s * samples_per_step), worker count does not
+change the data, and each accelerate process reads its own disjoint slice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from models.vae.imaging import open_image, resize_center_crop, resize_short_side
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def list_images(folders) -> list[Path]:
+    """All JPEG / PNG / WebP files under the folders (recursive), sorted for reproducibility."""
+    files: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_file():
+            files.append(folder)
+            continue
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no such image folder: {folder}")
+        files += [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(set(files))
+
+
+def load_rgb(path: Path, max_short_side: int | None = None) -> Image.Image:
+    """Decode to 8-bit RGB (models.vae.imaging: EXIF orientation, greyscale / CMYK / alpha handled) and
+    optionally downsize once so the short side is at most `max_short_side` (bounds per-crop work)."""
+    im = open_image(path, max_pixels=1 << 30)  # trusted local training files: no bomb limit
+    if max_short_side and min(im.size) > max_short_side:
+        im = resize_short_side(im, max_short_side)
+    return im
+
+
+def to_signed_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 CHW in [-1, 1]."""
+    array = np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class RandomCrops(Dataset):
+    """Item k is a random crop of one of the images, fully determined by (seed, k).
+
+    Augmentation: the short side is resized to a random size in [crop, crop * max_zoom] (capped
+    at the image's own short side, never upsampled past it unless the image is smaller than the
+    crop), then a random crop and a random horizontal flip.
+    """
+
+    def __init__(self, files, crop: int = 256, max_zoom: float = 2.0, seed: int = 0, cache: bool = True):
+        self.files = list(files)
+        if not self.files:
+            raise ValueError("no training images found")
+        self.crop, self.max_zoom, self.seed, self.cache = crop, max_zoom, seed, cache
+        self._cache: dict[int, Image.Image] = {}  # per worker; decoded once, downsized
+
+    def __len__(self) -> int:  # nominal: the stream is endless, the sampler decides
+        return 1 << 62
+
+    def _image(self, index: int) -> Image.Image:
+        im = self._cache.get(index)
+        if im is None:
+            im = load_rgb(self.files[index], max_short_side=int(self.crop * self.max_zoom))
+            if self.cache:
+                self._cache[index] = im
+        return im
+
+    def file_index(self, k: int) -> int:
+        n = len(self.files)
+        epoch, pos = divmod(k, n)
+        return int(np.random.default_rng([self.seed, epoch]).permutation(n)[pos])
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, 1, k])
+        im = self._image(self.file_index(k))
+        short = min(im.size)
+        hi = max(self.crop, min(short, int(self.crop * self.max_zoom)))
+        target = int(rng.integers(self.crop, hi + 1))
+        if target != short:
+            im = resize_short_side(im, target)
+        left = int(rng.integers(0, im.width - self.crop + 1))
+        top = int(rng.integers(0, im.height - self.crop + 1))
+        im = im.crop((left, top, left + self.crop, top + self.crop))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_signed_tensor(im)
+
+
+class StreamSampler(Sampler):
+    """Yields sample numbers start, start+1, ... for this process's shard of each global batch."""
+
+    def __init__(self, start_sample: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start, self.batch_size, self.rank, self.world = start_sample, batch_size, rank, world_size
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            base = k + self.rank * self.batch_size
+            yield from range(base, base + self.batch_size)
+            k += self.batch_size * self.world
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+
+def center_crops(files, size: int) -> torch.Tensor:
+    """Deterministic validation batch: short side resized to `size`, centre crop. (N, 3, size, size)."""
+    out = []
+    for path in files:
+        out.append(to_signed_tensor(resize_center_crop(load_rgb(path), size)))
+    return torch.stack(out)

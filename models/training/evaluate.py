@@ -1,0 +1,158 @@
+"""`vae eval`: reconstruction quality of a VAE on a folder of images.
+
+Conventions of ../shared/data/README.md: uint8 RGB, PSNR and SSIM per image, then averaged.
+`--size S` resizes the short side to S and centre-crops S x S (how the published SD VAE COCO
+figures were made); without it, full images are padded to a multiple of 8 and cropped back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.vae import imaging
+from models.vae.imaging import resize_center_crop
+from models.training.data import list_images
+from models.metrics import mean_psnr, psnr, ssim
+
+
+@torch.inference_mode()
+def reconstruct(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: float (N, 3, H, W) in [-1, 1], any H, W -> (uint8 (N, H, W, 3) reconstruction, latents)."""
+    padded, size = imaging.pad_to_multiple(x)
+    param = next(vae.parameters())
+    z = vae.encode(padded.to(param.device, param.dtype)).latent_dist.mode()
+    y = vae.decode(z).sample.float()
+    return imaging.to_uint8(imaging.crop_to(y, size)), z.float().cpu()
+
+
+def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per-channel mean of reference minus test (uint8 (H, W, 3) images), in 8-bit levels: positive
+    means the reconstruction is darker in that channel."""
+    return reference.reshape(-1, 3).astype(np.float64).mean(0) - test.reshape(-1, 3).astype(np.float64).mean(0)
+
+
+def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=None, progress: bool = True) -> dict:
+    """Mean PSNR / SSIM (and LPIPS when given) of posterior-mean reconstructions, latent statistics, speed."""
+    from tqdm.auto import tqdm
+
+    psnrs, ssims, lpips_values, offsets = [], [], [], []
+    z_sum = z_sq = z_count = 0.0
+    model_seconds = 0.0
+    batch: list[Image.Image] = []
+    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
+
+    def flush():
+        nonlocal z_sum, z_sq, z_count, model_seconds
+        x = imaging.to_tensor(batch)
+        start = time.perf_counter()
+        recon, z = reconstruct(vae, x)
+        model_seconds += time.perf_counter() - start
+        reference = imaging.to_uint8(x)
+        for ref, out in zip(reference.numpy(), recon.numpy()):
+            psnrs.append(psnr(ref, out))
+            ssims.append(ssim(ref, out))
+            offsets.append(colour_offset(ref, out))
+        if lpips is not None:
+            rec = recon.permute(0, 3, 1, 2).float() / 127.5 - 1
+            lpips_values.extend(lpips(rec, x).flatten().tolist())
+        z_sum += float(z.sum()); z_sq += float((z.double() ** 2).sum()); z_count += z.numel()
+        bar.update(len(batch))
+        bar.set_postfix(psnr=f"{mean_psnr(psnrs):.2f}", ssim=f"{np.mean(ssims):.4f}")
+        batch.clear()
+
+    for path in files:
+        img = imaging.open_image(path, max_pixels=1 << 30)
+        if size:
+            img = resize_center_crop(img, size)
+        if batch and (not size or img.size != batch[0].size or len(batch) == batch_size):
+            flush()
+        batch.append(img)
+        if not size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    mean = z_sum / z_count
+    std = math.sqrt(max(0.0, z_sq / z_count - mean**2))
+    result = {
+        "images": len(psnrs),
+        "psnr": round(mean_psnr(psnrs), 3),
+        "ssim": round(float(np.mean(ssims)), 4),
+        "latent_mean": round(mean, 4),
+        "latent_std": round(std, 4),
+        "suggested_scaling_factor": round(1.0 / std, 5),
+        "suggested_shift_factor": round(mean, 5),
+        # Image mean minus reconstruction mean, per channel, in 8-bit levels: the signed average
+        # over images (a bias) and the worst image's worst channel (issue 13's colour targets).
+        "colour_offset_rgb": [round(float(v), 3) for v in np.mean(offsets, axis=0)],
+        "colour_offset_max": round(float(np.abs(offsets).max()), 3),
+        "images_per_s": round(len(psnrs) / model_seconds, 3),
+    }
+    if lpips_values:
+        result["lpips"] = round(float(np.mean(lpips_values)), 4)
+    return result
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
+            "latent_mean", "latent_std", "images_per_s"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vae eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="diffusers folder or single-file checkpoint")
+    p.add_argument("--data", required=True, action="append", help="image folder (repeatable)")
+    p.add_argument("--size", type=int, help="resize short side to SIZE and centre-crop (e.g. 256)")
+    p.add_argument("--limit", type=int, help="only the first N images (sorted)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--lpips-weights", help="local LPIPS-VGG weights file (enables LPIPS)")
+    p.add_argument("--out", help="write JSON here (and a Markdown table beside it, .md)")
+    args = p.parse_args(argv)
+
+    from models.vae.loading import ModelLoadError, load_weights
+
+    try:
+        vae = load_weights(args.model, dtype=args.dtype, device=args.device).vae
+    except ModelLoadError as exc:
+        print(f"vae eval: {exc}", file=sys.stderr)
+        return 2
+    lpips = None
+    if args.lpips_weights:
+        from models.training.perceptual import LPIPS
+
+        lpips = LPIPS.from_file(args.lpips_weights).eval()
+    rows = []
+    for folder in args.data:
+        files = list_images([folder])[: args.limit]
+        if not files:
+            print(f"vae eval: no images in {folder}", file=sys.stderr)
+            return 2
+        result = evaluate(vae, files, args.size, args.batch_size, lpips)
+        rows.append({"model": args.model, "data": folder, "size": args.size or "full", "dtype": args.dtype, **result})
+    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    print(markdown_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown_table(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""`vae train`: train or fine-tune a KL-f8 AutoencoderKL on folders of images.
+
+One readable file in the spirit of nanoGPT: arguments -> data -> model -> loop. Runs on CPU
+(bf16 autocast), one GPU, or many through `accelerate launch -m models.training.train ...`.
+
+Outputs in --out:
+  checkpoint.pt   full training state (model, EMA, optimisers, schedulers, step, RNG), atomic
+  model/          diffusers save_pretrained folder of the EMA weights (what users load)
+  metrics.csv     one row per logged step; curves.png and recon-<step>.png at each evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.training import data as data_mod
+from models.training import losses
+from models.training.presets import PRESETS, preset_config
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vae train", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", nargs="+", help="folders (recursive) or files of JPEG / PNG / WebP images")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final model)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture (default: tiny)")
+    arch.add_argument("--config", help="a diffusers AutoencoderKL config.json")
+    arch.add_argument("--init", help="fine-tune from these weights (diffusers folder or single file)")
+    p.add_argument("--decoder-only", action="store_true", help="freeze the encoder (as sd-vae-ft-MSE)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=20000, help="optimiser steps in total")
+    p.add_argument("--batch-size", type=int, default=8, help="per process, per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--max-zoom", type=float, default=2.0, help="short side resized to [crop, crop*max_zoom]")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr*ratio")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (the EMA is what gets saved)")
+    p.add_argument("--l1", type=float, default=1.0, help="L1 reconstruction weight")
+    p.add_argument("--mse", type=float, default=1.0, help="MSE reconstruction weight")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="LDM-equivalent KL weight (see losses.py)")
+    p.add_argument("--disc-start", type=int, default=-1, help="step at which the PatchGAN starts (-1: off)")
+    p.add_argument("--disc-weight", type=float, default=0.5)
+    p.add_argument("--lpips-weights", help="local LPIPS-VGG weights (safetensors); enables a perceptual loss")
+    p.add_argument("--lpips-weight", type=float, default=0.1)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="auto: bf16 on CPU and on GPUs that support it")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    p.add_argument("--val-images", type=int, default=8, help="held-out images (last in sorted order)")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
+    p.add_argument("--max-cpu-minutes", type=float, default=0,
+                   help="stop (after a checkpoint) after this much CPU time of this process: an equal budget "
+                        "for runs that share a busy machine (wall-clock time depends on the neighbours)")
+    p.add_argument("--stop-at", type=int, default=0, help="stop (after a checkpoint) at this step; resume later")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- model
+def build_model(args):
+    from diffusers import AutoencoderKL
+
+    if args.init:
+        from models.vae.loading import load_weights  # a diffusers folder or an LDM single file
+
+        return load_weights(args.init).vae.requires_grad_(True)
+    if args.config:
+        return AutoencoderKL.from_config(json.loads(Path(args.config).read_text()))
+    return AutoencoderKL(**preset_config(args.preset))
+
+
+def lr_lambda(args):
+    def f(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(vae, images, autocast):
+    """Mean PSNR (dB, uint8 convention) of the posterior-mean reconstruction of a fixed batch, its
+    per-channel colour offset (original minus reconstruction, 8-bit levels, averaged over images),
+    and the reconstruction."""
+    from models.metrics import mean_psnr, psnr
+
+    vae.eval()
+    recons = []
+    for chunk in images.split(4):
+        with autocast():
+            recons.append(vae.decode(vae.encode(chunk).latent_dist.mode()).sample.float().clamp(-1, 1))
+    recon = torch.cat(recons)
+    to_u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    a, b = to_u8(images), to_u8(recon)
+    offset = (a.astype("float64").mean((1, 2)) - b.astype("float64").mean((1, 2))).mean(0)
+    return mean_psnr([psnr(x, y) for x, y in zip(a, b)]), offset, recon
+
+
+def save_grid(images, recon, path: Path):
+    from PIL import Image
+
+    top = torch.cat(list(images[:8]), dim=2)
+    bottom = torch.cat(list(recon[:8]), dim=2)
+    grid = ((torch.cat([top, bottom], dim=1) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0)
+    Image.fromarray(grid.numpy()).save(path)
+
+
+def plot_curves(csv_path: Path, png_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(csv_path)))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [int(r["step"]) for r in rows]
+    axes[0].plot(steps, [float(r["rec_loss"]) for r in rows], lw=0.8)
+    axes[0].set(title="reconstruction loss (train)", xlabel="step", yscale="log")
+    val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
+    axes[1].plot([s for s, _ in val], [v for _, v in val], "o-", label="val")
+    axes[1].plot(steps, [float(r["psnr"]) for r in rows], lw=0.6, alpha=0.6, label="train batch")
+    axes[1].set(title="PSNR (dB)", xlabel="step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def measure_latent_factors(vae, dataset, autocast, n: int = 64, batch: int = 8) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from the posterior-mean latents of `n` training crops, so that
+    `(z - shift) * scale` has mean 0 and standard deviation 1 there (SD's 0.18215 is 1 / std with
+    no shift; a KL weight of 1e-6 leaves the latents off-centre, so ours need the shift)."""
+    vae.eval()
+    zs = []
+    for start in range(0, n, batch):
+        x = torch.stack([dataset[k] for k in range(start, start + batch)]).to(vae.device)
+        with autocast():
+            zs.append(vae.encode(x).latent_dist.mode().float().cpu())
+    z = torch.cat(zs)
+    return float(1.0 / z.std()), float(z.mean())
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt_path = out / CHECKPOINT
+    if args.resume:
+        if not ckpt_path.exists():
+            print(f"vae train: --resume but no checkpoint at {ckpt_path}", file=sys.stderr)
+            return 2
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = state["args"]
+        # The run's recipe comes from the checkpoint; only length/logging may change on resume.
+        keep = {"steps", "max_minutes", "max_cpu_minutes", "stop_at", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in keep}, "resume": True})
+    else:
+        if ckpt_path.exists():
+            print(f"vae train: {ckpt_path} exists; pass --resume to continue it or choose another --out",
+                  file=sys.stderr)
+            return 2
+        state = None
+
+    mp = args.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "fp16"
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=args.grad_accum, cpu=False)
+    device, main_proc = accelerator.device, accelerator.is_main_process
+    torch.manual_seed(args.seed + accelerator.process_index)
+    random.seed(args.seed)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    files = data_mod.list_images(args.data)
+    val_files, train_files = files[-args.val_images:] if args.val_images else [], files[: len(files) - args.val_images]
+    dataset = data_mod.RandomCrops(train_files, crop=args.crop, max_zoom=args.max_zoom, seed=args.seed)
+    val_batch = data_mod.center_crops(val_files, min(args.crop, 256)).to(device) if val_files else None
+
+    vae = build_model(args)
+    if args.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    ema = EMAModel(vae.parameters(), decay=args.ema, model_cls=type(vae), model_config=vae.config)
+
+    use_gan = args.disc_start >= 0
+    disc = losses.PatchDiscriminator() if use_gan else None
+    if use_gan:
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(args))
+    perceptual = None
+    if args.lpips_weights:
+        from models.training.perceptual import LPIPS
+
+        perceptual = LPIPS.from_file(args.lpips_weights).to(device).eval().requires_grad_(False)
+
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"])
+        if use_gan:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+            sched_d.load_state_dict(state["sched_d"])
+        step = state["step"]
+        set_rng_state(state["rng"])
+    vae, opt, sched = accelerator.prepare(vae, opt, sched)
+    if use_gan:
+        disc, opt_d, sched_d = accelerator.prepare(disc, opt_d, sched_d)
+    ema.to(device)
+    raw_vae = accelerator.unwrap_model(vae)
+
+    # Data: sample numbers continue from the step, so a resumed run sees the same crops.
+    per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+    sampler = data_mod.StreamSampler(step * per_step, args.batch_size, accelerator.process_index,
+                                     accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda",
+                                         # own generator: creating the iterator must not draw from the
+                                         # global RNG, or a resumed run's sampling noise would shift
+                                         generator=torch.Generator().manual_seed(args.seed))
+    batches = iter(loader)
+
+    metrics_path = out / "metrics.csv"
+    fields = ["step", "time", "lr", "loss", "rec_loss", "kl", "g_loss", "d_loss", "psnr", "img_per_s", "val_psnr", "val_colour_rgb"]
+    if main_proc:
+        # On resume, drop rows logged after the checkpoint: those steps are about to be redone.
+        kept = [r for r in csv.DictReader(open(metrics_path)) if int(r["step"]) <= step] if metrics_path.exists() else []
+        with open(metrics_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(kept)
+    pixels = 3 * args.crop * args.crop
+    t_start, cpu_start = time.time(), time.process_time()
+    bar = tqdm(total=args.steps, initial=step, disable=not main_proc, dynamic_ncols=True, unit="step")
+
+    def checkpoint():
+        accelerator.wait_for_everyone()
+        if not main_proc:
+            return
+        atomic_save({
+            "args": vars(args), "step": step, "model": raw_vae.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "ema": ema.state_dict(), "rng": rng_state(),
+            **({"disc": accelerator.unwrap_model(disc).state_dict(), "opt_d": opt_d.state_dict(),
+                "sched_d": sched_d.state_dict()} if use_gan else {}),
+        }, ckpt_path)
+
+    def export(final: bool):
+        """Write the EMA weights as a diffusers folder (atomically: temp folder + rename)."""
+        if not main_proc:
+            return
+        import shutil
+
+        ema.store(raw_vae.parameters())
+        ema.copy_to(raw_vae.parameters())
+        if final:
+            scale, shift = measure_latent_factors(raw_vae, dataset, accelerator.autocast)
+            raw_vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw_vae.save_pretrained(tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+        ema.restore(raw_vae.parameters())
+
+    window_t, window_n = time.time(), 0
+    while step < args.steps:
+        vae.train()
+        for _ in range(args.grad_accum):
+            x = next(batches).to(device, non_blocking=True)
+            with accelerator.accumulate(vae):
+                with accelerator.autocast():
+                    posterior = vae.encode(x).latent_dist if not args.decoder_only else raw_vae.encode(x).latent_dist
+                    recon = vae.decode(posterior.sample()).sample
+                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse)
+                if perceptual is not None:
+                    rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
+                kl = losses.kl_loss(posterior.mean, posterior.logvar, pixels)
+                loss = rec + args.kl_weight * kl
+                g_loss = d_loss = torch.zeros(())
+                gan_on = use_gan and step >= args.disc_start
+                if gan_on:
+                    with accelerator.autocast():
+                        g_loss = losses.generator_loss(disc(recon))
+                    weight = losses.adaptive_gan_weight(rec, g_loss, raw_vae.decoder.conv_out.weight)
+                    loss = loss + args.disc_weight * weight * g_loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.clip:
+                    accelerator.clip_grad_norm_(params, args.clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if gan_on:
+                    with accelerator.autocast():
+                        d_loss = losses.hinge_d_loss(disc(x), disc(recon.detach()))
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    sched_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+            window_n += x.shape[0] * accelerator.num_processes
+        step += 1
+        ema.step(raw_vae.parameters())
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            with torch.no_grad():
+                mse = torch.mean((recon.float().clamp(-1, 1) - x) ** 2) / 4  # [-1,1] -> [0,1] scale
+                batch_psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
+            rate = window_n / (time.time() - window_t)
+            window_t, window_n = time.time(), 0
+            row = {"step": step, "time": round(time.time() - t_start, 1), "lr": f"{sched.get_last_lr()[0]:.3g}",
+                   "loss": f"{loss.item():.5f}", "rec_loss": f"{rec.item():.5f}", "kl": f"{kl.item():.5g}",
+                   "g_loss": f"{g_loss.item():.4f}", "d_loss": f"{d_loss.item():.4f}",
+                   "psnr": f"{batch_psnr:.2f}", "img_per_s": f"{rate:.2f}", "val_psnr": "", "val_colour_rgb": ""}
+            if val_batch is not None and (step % args.eval_every == 0 or step == args.steps) and main_proc:
+                ema.store(raw_vae.parameters())
+                ema.copy_to(raw_vae.parameters())
+                val_psnr, val_offset, val_recon = evaluate(raw_vae, val_batch, accelerator.autocast)
+                ema.restore(raw_vae.parameters())
+                row["val_psnr"] = f"{val_psnr:.2f}"
+                row["val_colour_rgb"] = " ".join(f"{v:+.2f}" for v in val_offset)
+                save_grid(val_batch.cpu(), val_recon.cpu(), out / f"recon-{step:07d}.png")
+            if main_proc:
+                with open(metrics_path, "a", newline="") as f:
+                    csv.DictWriter(f, fields).writerow(row)
+                if row["val_psnr"]:
+                    plot_curves(metrics_path, out / "curves.png")
+                    export(final=False)
+            bar.set_postfix(loss=row["loss"], psnr=row["psnr"], img_s=f"{rate:.1f}",
+                            **({"val": row["val_psnr"]} if row["val_psnr"] else {}))
+
+        pause = ((args.max_minutes and (time.time() - t_start) > args.max_minutes * 60)
+                 or (args.max_cpu_minutes and (time.process_time() - cpu_start) > args.max_cpu_minutes * 60)
+                 or step == args.stop_at)
+        if step % args.checkpoint_every == 0 or step == args.steps or pause:
+            checkpoint()
+        if pause:
+            bar.write(f"pausing at step {step} (--max-minutes / --max-cpu-minutes / --stop-at); continue with --resume")
+            break
+    bar.close()
+    export(final=True)
+    if main_proc:
+        plot_curves(metrics_path, out / "curves.png")
+        print(f"saved {out / 'model'} at step {step} (scaling_factor "
+              f"{raw_vae.config.scaling_factor:.5f}, shift_factor {raw_vae.config.shift_factor:.5f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The latent file format: one safetensors file per image, or WebDataset tar shards of them.
+
+A latent file holds one tensor `latents` of shape (1, C, h, w) — 4-D so a float file can be POSTed
+unchanged to `/decode` as `application/x-safetensors` — and string metadata:
+
+  format          "sd-vae-latents/1"
+  source          the image's path relative to its input root (decode restores it)
+  original_size   JSON [H, W] before padding to the downsample factor (decode crops back to it)
+  model, model_sha256, scaling_factor, shift_factor   the encoder (factors: JSON number or null)
+  scaled          "true": stored as (z - shift) * scale (diffusion-ready); "false": raw latents
+  dtype           storage dtype: float32 | float16 | bfloat16 | uint8
+  quant_scale, quant_offset   uint8 only: JSON per-channel lists, z = q * scale + offset
+
+Shards are plain POSIX tar files `shard-NNNNNN.tar` (WebDataset layout: member `<key>.safetensors`)
+written by the stdlib `tarfile` with fixed mtime/owner, so equal inputs give byte-identical shards.
+Every file (latent file, shard, image) is written to a temporary name and renamed: a reader or
+a restarted job never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.vae.inference import scale_latents, unscale_latents
+
+FORMAT = "sd-vae-latents/1"
+SUFFIX = ".safetensors"
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_PATTERN = re.compile(r"shard-(\d{6})\.tar$")
+PARTIAL = ".partial"
+
+
+class LatentFormatError(ValueError):
+    """A file that is not a latent file of this format (or is damaged)."""
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How latents are stored, plus the encoder facts every file records. Picklable (sent to Ray)."""
+
+    model: str
+    model_sha256: str
+    scaling_factor: float | None
+    shift_factor: float | None
+    dtype: str = "float16"  # storage dtype of float latents
+    quantize: str | None = None  # None | "uint8"
+    scaled: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown latent dtype {self.dtype!r}: use {', '.join(STORE_DTYPES)}")
+        if self.quantize not in (None, "uint8"):
+            raise ValueError(f"unknown quantisation {self.quantize!r}: only uint8")
+
+    @property
+    def stored_dtype(self) -> str:
+        return "uint8" if self.quantize else self.dtype
+
+
+def quantize_uint8(z: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:
+    """float (1, C, h, w) -> (uint8 (1, C, h, w), per-channel scale, per-channel offset).
+
+    Per channel: offset = min, scale = (max - min) / 255, q = round((z - offset) / scale), so
+    |z - dequantize(q)| <= scale / 2. Scale and offset are float32 values whose JSON form is exact.
+    """
+    zc = z.float().transpose(0, 1).reshape(z.shape[1], -1)  # (C, N*h*w)
+    lo, hi = zc.min(dim=1).values, zc.max(dim=1).values
+    scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+    view = (1, -1, 1, 1)
+    q = torch.round((z.float() - lo.view(view)) / scale.view(view)).clamp_(0, 255).to(torch.uint8)
+    return q, _short_floats(scale), _short_floats(lo)
+
+
+def _short_floats(t: torch.Tensor) -> list[float]:
+    """float32 values -> the shortest decimals that read back as the same float32 (compact JSON)."""
+    import numpy as np
+
+    return [float(str(v)) for v in t.numpy().astype(np.float32)]  # numpy prints float32 shortest-unique
+
+
+def dequantize_uint8(q: torch.Tensor, scale: list[float], offset: list[float]) -> torch.Tensor:
+    """uint8 (1, C, h, w) -> float32 latents: q * scale + offset, per channel."""
+    view = (1, -1, 1, 1)
+    s = torch.tensor(scale, dtype=torch.float32).view(view)
+    o = torch.tensor(offset, dtype=torch.float32).view(view)
+    return q.float() * s + o
+
+
+def encode_record(z: torch.Tensor, options: StoreOptions, source: str, original_size: tuple[int, int]) -> bytes:
+    """Raw latents (1, C, h, w) or (C, h, w) of one image -> the bytes of a latent file."""
+    z = z.detach().float().cpu()
+    z = z[None] if z.ndim == 3 else z
+    if options.scaled:
+        z = scale_latents(z, options.scaling_factor, options.shift_factor)
+    meta = {
+        "format": FORMAT,
+        "source": source,
+        "original_size": json.dumps([int(original_size[0]), int(original_size[1])]),
+        "model": options.model,
+        "model_sha256": options.model_sha256,
+        "scaling_factor": json.dumps(options.scaling_factor),
+        "shift_factor": json.dumps(options.shift_factor),
+        "scaled": json.dumps(options.scaled),
+        "dtype": options.stored_dtype,
+    }
+    if options.quantize == "uint8":
+        stored, scale, offset = quantize_uint8(z)
+        meta.update(quant_scale=json.dumps(scale), quant_offset=json.dumps(offset))
+    else:
+        stored = z.to(STORE_DTYPES[options.dtype])
+    return save_safetensors("latents", stored, meta)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+
+
+def save_safetensors(name: str, tensor: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """One tensor -> safetensors bytes with a sorted header.
+
+    `safetensors.torch.save` orders metadata by a per-process hash, so two processes (say, the
+    local path and a Ray actor) would write different bytes for the same content. The layout is
+    the documented one: u64 header length, JSON header padded to 8 bytes, little-endian data.
+    """
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        name: {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, len(data)]},
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (reads only the header)."""
+    if len(data) < 8:
+        raise LatentFormatError("not a safetensors file: too short")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100_000_000:
+        raise LatentFormatError("not a safetensors file: bad header length")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError as exc:
+        raise LatentFormatError(f"not a safetensors file: {exc}") from None
+    return header.get("__metadata__") or {}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Metadata of a latent file on disk without reading its tensor (cheap resume checks)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LatentFormatError(f"{path}: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        return header_metadata(head + f.read(min(n, 100_000_000)))
+
+
+def decode_record(data: bytes) -> tuple[torch.Tensor, dict]:
+    """Latent file bytes -> (raw float32 latents (1, C, h, w), metadata with parsed JSON values).
+
+    Undoes quantisation and scaling, so the result always feeds `VAEModel.decode` directly.
+    """
+    import safetensors.torch
+
+    meta = header_metadata(data)
+    if meta.get("format") != FORMAT:
+        raise LatentFormatError(f"not an {FORMAT} file (format={meta.get('format')!r})")
+    try:
+        stored = safetensors.torch.load(data)["latents"]
+        parsed = dict(meta)
+        for key in ("original_size", "scaling_factor", "shift_factor", "scaled", "quant_scale", "quant_offset"):
+            if key in meta:
+                parsed[key] = json.loads(meta[key])
+    except Exception as exc:  # SafetensorError, KeyError, ValueError: all mean a damaged file
+        raise LatentFormatError(f"damaged latent file: {exc}".replace("\n", " ")) from None
+    if stored.dtype == torch.uint8:
+        z = dequantize_uint8(stored, parsed["quant_scale"], parsed["quant_offset"])
+    else:
+        z = stored.float()
+    if parsed.get("scaled"):
+        z = unscale_latents(z, parsed.get("scaling_factor"), parsed.get("shift_factor"))
+    return z, parsed
+
+
+# --- atomic files -----------------------------------------------------------------------------
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling + fsync + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_partials(root: str | Path) -> int:
+    """Delete temporary files a killed run left under `root`; returns how many."""
+    count = 0
+    for tmp in Path(root).rglob(f"*{PARTIAL}"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def latent_path(out: str | Path, source: str) -> Path:
+    """`<out>/<relative source path>.safetensors` (the image suffix is kept: a.png and a.jpg differ)."""
+    return Path(out) / (source + SUFFIX)
+
+
+# --- WebDataset shards --------------------------------------------------------------------------
+
+def sample_key(source: str) -> str:
+    """WebDataset key of a source path: no dots (WebDataset splits a member name at the first dot)."""
+    return source.replace(".", "_")
+
+
+def shard_members(path: str | Path) -> list[str]:
+    with tarfile.open(path, "r") as tar:
+        return [m.name for m in tar.getmembers() if m.isfile()]
+
+
+def iter_shard(path: str | Path):
+    """Yield (member name, bytes) of the latent files in a shard, in order."""
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(SUFFIX):
+                yield member.name, tar.extractfile(member).read()
+
+
+class ShardWriter:
+    """Append samples to `shard-NNNNNN.tar` files of `shard_size` samples each.
+
+    A shard is written as `<name>.partial` and renamed when full (or on `close`), so finished shards
+    are immutable and a killed run loses only the shard in progress, which a rerun redoes.
+    Numbering continues after the highest existing shard.
+    """
+
+    def __init__(self, out: str | Path, shard_size: int):
+        if shard_size < 1:
+            raise ValueError("shard size must be at least 1")
+        self.out, self.shard_size = Path(out), shard_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in self.out.iterdir() if (m := SHARD_PATTERN.match(p.name))]
+        self.next_index = max(numbers, default=-1) + 1
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._count = 0
+        self.bytes_written = 0
+
+    def done_keys(self) -> set[str]:
+        """Keys already in finished shards (what a resumed run skips)."""
+        keys = set()
+        for p in sorted(self.out.iterdir()):
+            if SHARD_PATTERN.match(p.name):
+                keys.update(name[: -len(SUFFIX)] for name in shard_members(p) if name.endswith(SUFFIX))
+        return keys
+
+    def _final_path(self) -> Path:
+        return self.out / f"shard-{self.next_index:06d}.tar"
+
+    def add(self, key: str, data: bytes) -> None:
+        if self._tar is None:
+            self._file = open(self._final_path().with_name(self._final_path().name + PARTIAL), "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w")  # PAX: long and non-ASCII names
+        info = tarfile.TarInfo(key + SUFFIX)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed fields: reproducible bytes
+        self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._final_path()
+        os.replace(final.with_name(final.name + PARTIAL), final)
+        self.bytes_written += final.stat().st_size
+        self._tar, self._file, self._count = None, None, 0
+        self.next_index += 1
+
+    def close(self) -> None:
+        """Finish the shard in progress (a short last shard)."""
+        self._finish()

@@ -1,36 +1,16 @@
-"""Shared fixtures: tiny random AutoencoderKL models saved with save_pretrained, real images."""
+"""Shared fixtures: tiny random AutoencoderKL models saved with save_pretrained, real photographs.
+Helpers (plain functions) are in support.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
+from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-# Smallest config that keeps the SD structure: 8x downsampling (4 blocks), 4 latent channels.
-TINY_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[8, 8, 16, 16],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=64,
-    scaling_factor=0.5,
-)
-
-
-def make_tiny_vae(seed: int = 0, **overrides):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**TINY_CONFIG, **overrides})
-    return vae.eval()
+from app.bulk.jobs import EXIF_ORIENTATION
+from support import PHOTOS, gradient_image, make_tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -41,11 +21,28 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     return path
 
 
-PHOTOS = ROOT / "tests" / "data" / "photos"
-
-
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
     """Four real photographs vendored in the repository (tests/data/README.md): the same test
     data on a fresh clone as beside ../shared."""
     return PHOTOS
+
+
+@pytest.fixture(scope="session")
+def bulk_inputs(tmp_path_factory, photos_dir) -> Path:
+    """`vae encode` inputs: a folder of 7 good images of 4 size buckets (the vendored photographs, scaled) and 1 corrupt file."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "odd").mkdir()
+    for i, size in enumerate([(64, 48), (64, 48), (64, 48), (72, 56)], start=1):
+        img = Image.open(photos_dir / sorted(p.name for p in photos_dir.iterdir())[i - 1]).convert("RGB").resize(size, Image.BICUBIC)
+        img.save(root / f"photo{i:02d}.png")
+    gradient_image(37, 29, seed=7).save(root / "odd" / "gradient.png")  # sides not multiples of 8
+    rgba = np.dstack([np.asarray(gradient_image(24, 40, seed=8)), np.full((40, 24), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "odd" / "alpha.png")  # alpha: composited on white
+    rotated = gradient_image(40, 24, seed=9)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored 40x24, shown 24x40
+    rotated.save(root / "odd" / "rotated.jpg", quality=92, exif=exif)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    (root / "notes.txt").write_text("not an image: ignored by folder inputs")
+    return root

@@ -1,6 +1,6 @@
 """`vae encode` / `vae decode`: whole image collections to latent files and back.
 
-    vae encode photos/ 'more/**/*.jpg' --out latents/ [--dtype float16|bfloat16|float32]
+    vae encode photos/ 'more/**/*.jpg' --out latents/ [--latent-dtype float16|bfloat16|float32]
                [--quantize uint8] [--shard-size N] [--server URL | --ray [--address ADDR]]
     vae decode latents/ --out restored/ [--format png|jpg|webp]
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from app.bulk import encoders
 from app.bulk import jobs as core
 from models.vae import imaging
 from models.vae import latent_files as latent_store
@@ -49,8 +50,10 @@ def encode_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vae encode", description="Encode images (files, folders, globs) into latent files.")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or quoted globs")
     _common(p)
-    p.add_argument("--dtype", default="float16", choices=list(latent_store.STORE_DTYPES),
-                   help="storage dtype of the latents (default float16)")
+    p.add_argument("--latent-dtype", default="float16", choices=list(latent_store.STORE_DTYPES),
+                   help="storage dtype of the latent files (default float16; the model's own dtype is --compute-dtype)")
+    p.add_argument("--dtype", dest="deprecated_dtype", choices=list(latent_store.STORE_DTYPES),
+                   help=argparse.SUPPRESS)  # the old spelling of --latent-dtype
     p.add_argument("--quantize", choices=["uint8"], help="store uint8 with per-channel scale/offset (0.5 bit/pixel at f8x4)")
     p.add_argument("--scaled", action="store_true", help="store (z - shift) * scaling_factor (diffusion-ready) instead of raw z")
     p.add_argument("--shard-size", type=int, default=0, metavar="N", help="write WebDataset tar shards of N samples")
@@ -72,16 +75,13 @@ def decode_parser() -> argparse.ArgumentParser:
 
 def load_model(args):
     """The in-process model named by --model (or the shipped default); raises ModelLoadError."""
-    from app.http.settings import parse_model_spec
     from models.vae.inference import VAEModel
-    from models.vae.loading import DEFAULT_MODEL_DIR, ModelLoadError
+    from models.vae.loading import DEFAULT_MODEL_DIR, ModelLoadError, default_model_spec, parse_model_spec
 
-    spec = args.model
+    spec = args.model or default_model_spec()
     if spec is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise ModelLoadError(f"no model: name one with --model PATH or --server URL "
-                                 f"(the shipped default {DEFAULT_MODEL_DIR} is not installed)")
-        spec = f"default={DEFAULT_MODEL_DIR}"
+        raise ModelLoadError(f"no model: name one with --model PATH or --server URL "
+                             f"(the shipped default {DEFAULT_MODEL_DIR} is not installed)")
     name, path = parse_model_spec(spec)
     return VAEModel.load(name, path, device=args.device, dtype=args.compute_dtype, config=args.config)
 
@@ -105,11 +105,14 @@ def _local_outcomes(encoder, batches, options, args):
     load = lambda item: core.load_image(item, args.max_pixels)  # noqa: E731
     # Two batches ahead keeps the model fed without holding many decoded images in memory.
     for loaded in core.iter_loaded(batches, load, args.workers, lookahead=max(2 * args.batch_size, 2 * args.workers)):
-        yield from core.encode_loaded(encoder, loaded, options)
+        yield from encoders.encode_loaded(encoder, loaded, options)
 
 
 def encode_main(argv: list[str]) -> int:
     args = encode_parser().parse_args(argv)
+    if args.deprecated_dtype:
+        print("vae encode: --dtype is deprecated, use --latent-dtype (the storage dtype of the latents)", file=sys.stderr)
+        args.latent_dtype = args.deprecated_dtype
     if args.shard_size and args.overwrite:
         print("vae encode: error: --overwrite does not apply to shards: use a new --out", file=sys.stderr)
         return 2
@@ -124,16 +127,16 @@ def encode_main(argv: list[str]) -> int:
 
     try:
         if args.server:
-            encoder = core.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
+            encoder = encoders.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
             multiple = int(encoder.info()["downsample_factor"])
         else:
-            encoder = core.LocalEncoder(load_model(args))
+            encoder = encoders.LocalEncoder(load_model(args))
             multiple = encoder.model.downsample_factor
         facts = encoder.store_facts()
     except (ModelLoadError, OSError, RuntimeError) as exc:  # requests errors are OSErrors
         print(f"vae encode: error: {exc}", file=sys.stderr)
         return 2
-    options = latent_store.StoreOptions(**facts, dtype=args.dtype, quantize=args.quantize, scaled=args.scaled)
+    options = latent_store.StoreOptions(**facts, dtype=args.latent_dtype, quantize=args.quantize, scaled=args.scaled)
     sink = core.ShardSink(args.out, args.shard_size) if args.shard_size else core.FileSink(args.out, options)
     todo = [item for item in items if args.overwrite or not sink.is_done(item)]
     summary.skipped = len(items) - len(todo)
@@ -160,7 +163,7 @@ def encode_main(argv: list[str]) -> int:
     finally:
         sink.close()  # with shards: the shard in progress is finished, not lost
         bar.close()
-        if isinstance(encoder, core.RemoteEncoder):
+        if isinstance(encoder, encoders.RemoteEncoder):
             encoder.close()
     return _finish(summary, args)
 
@@ -213,7 +216,7 @@ def decode_main(argv: list[str]) -> int:
 
     try:
         if args.server:
-            decoder = core.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
+            decoder = encoders.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
             sha = decoder.info()["sha256"]
         else:
             decoder = _LocalDecoder(load_model(args))
@@ -277,7 +280,7 @@ def decode_main(argv: list[str]) -> int:
             flush(key)
     finally:
         bar.close()
-        if isinstance(decoder, core.RemoteEncoder):
+        if isinstance(decoder, encoders.RemoteEncoder):
             decoder.close()
     if other_model:
         print(f"vae decode: warning: {other_model} latent files were encoded by another model "

@@ -4,7 +4,7 @@
     the model, one GPU each when --device cuda) -> latent file bytes -> the driver's sink
 
 The batches are `bulk_core.plan_batches`' (a pure function of the to-do list) and each actor runs
-`bulk_core.encode_loaded` on them, so the files equal the local path's byte for byte. Actors read
+`bulk_encoders.encode_loaded` on them, so the files equal the local path's byte for byte. Actors read
 the images themselves (on a cluster the inputs must be at the same path on every node: a shared
 file system); they send back only the latent bytes (1/24 of the RGB bytes at fp16), and the
 driver writes them through the same sink as the local path, which keeps resume and sharding in
@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from app.bulk import encoders
 from app.bulk import jobs as core
 from models.vae import latent_files as latent_store
 
@@ -29,7 +30,7 @@ class EncodeActor:
         from models.vae.inference import VAEModel
 
         name, _, path = model.partition("=")
-        self.encoder = core.LocalEncoder(VAEModel.load(name, path, device=device, dtype=compute_dtype, config=config))
+        self.encoder = encoders.LocalEncoder(VAEModel.load(name, path, device=device, dtype=compute_dtype, config=config))
         self.options = latent_store.StoreOptions(**options)
         if self.encoder.model.sha256 != self.options.model_sha256:  # e.g. another file at this path on a node
             raise RuntimeError(f"model weights at {path} differ from the driver's ({self.options.model_sha256})")
@@ -42,7 +43,7 @@ class EncodeActor:
         for text in batch["items"].to_pylist():
             items = [core.Item(d["path"], d["rel"], d["nbytes"], tuple(d["hw"])) for d in json.loads(text)]
             loaded = [core.load_image(item, self.max_pixels) for item in items]
-            for outcome in core.encode_loaded(self.encoder, loaded, self.options):
+            for outcome in encoders.encode_loaded(self.encoder, loaded, self.options):
                 cols["path"].append(outcome.item.path)
                 cols["rel"].append(outcome.item.rel)
                 cols["nbytes"].append(outcome.item.nbytes)
@@ -54,12 +55,9 @@ class EncodeActor:
 
 def _model_spec(args, options: latent_store.StoreOptions) -> str:
     """NAME=ABSOLUTE_PATH: actors may start in another working directory."""
-    from app.http.settings import parse_model_spec
-    from models.vae.loading import DEFAULT_MODEL_DIR
+    from models.vae.loading import default_model_spec, parse_model_spec
 
-    if args.model is None:
-        return f"{options.model}={DEFAULT_MODEL_DIR}"
-    name, path = parse_model_spec(args.model)
+    name, path = parse_model_spec(args.model or default_model_spec())
     return f"{name}={Path(path).resolve() if Path(path).exists() else path}"
 
 

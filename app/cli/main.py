@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("models.vae.export", "write a model in the original LDM single-file layout"),
     "encode": ("app.bulk.cli", "encode images / folders into latent files"),
     "decode": ("app.bulk.cli", "decode latent files back into images"),
-    "bench": ("benchmarks.bench", "side-by-side speed benchmark"),
+    "bench": ("benchmarks.bench.cli", "side-by-side speed benchmark"),
 }
 
 

@@ -1,104 +1,112 @@
-"""`vae serve`: load the models, then run the HTTP service with uvicorn.
+"""`vae serve`: load the models, then run the HTTP service with uvicorn (or Ray Serve).
 
-Every option has a `VAE_*` environment variable (see app.http.settings); options given here win.
-With no model named anywhere, the shipped default model (models/default) is served when present.
+The flags are generated from the fields of app.http.settings.Settings (name, default, help and
+the `VAE_*` variable all come from the field), so an option is defined once. Options given here
+win over the environment. With no model named anywhere, the shipped default model is served.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
 
 from app.http.ray_serve import add_ray_arguments
 from app.http.settings import Settings
-from models.vae.loading import DEFAULT_MODEL_DIR, ModelLoadError
+from models.vae.loading import DEFAULT_MODEL_DIR, ModelLoadError, default_model_spec
 
 NO_MODEL = (
     "vae serve: error: no model to serve. Name one with --model NAME=PATH (a diffusers folder, "
     "a single-file .safetensors checkpoint or a hub id; repeat for several, the first is the default) "
     "or VAE_MODELS=NAME=PATH; the shipped default model ({path}) is not installed."
 )
+ENV_ONLY = {"api_keys"}  # secrets: never on a command line, where `ps` shows them
+
+
+def flag_name(field: str) -> str:
+    return "--model" if field == "models" else "--" + field.replace("_", "-")
+
+
+def _flag_type(annotation):
+    """(argparse type, choices, is_bool, is_list) of a Settings field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 else annotation
+    if typing.get_origin(base) is typing.Annotated:
+        base = typing.get_args(base)[0]
+    if typing.get_origin(base) is typing.Literal:
+        return str, list(typing.get_args(base)), False, False
+    if typing.get_origin(base) is list:
+        return str, None, False, True
+    return base, None, base is bool, False
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae serve", description="Serve VAE models over HTTP (/encode, /decode, /roundtrip).")
-    p.add_argument("--model", action="append", metavar="NAME=PATH",
-                   help="model to serve (repeatable; the first is the default). Env: VAE_MODELS")
-    p.add_argument("--config", default=defaults.config, help="config folder for single-file checkpoints. Env: VAE_CONFIG")
-    p.add_argument("--host", default=defaults.host, help=f"bind address (default {defaults.host}). Env: VAE_HOST")
-    p.add_argument("--port", type=int, default=defaults.port, help=f"port (default {defaults.port}). Env: VAE_PORT")
-    p.add_argument("--device", default=defaults.device, help="cpu | cuda | cuda:N. Env: VAE_DEVICE")
-    p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (float16 needs cuda). Env: VAE_DTYPE")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.compile,
-                   help="torch.compile encoder and decoder (warmed up before /readyz is ready). Env: VAE_COMPILE")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last,
-                   help="channels_last layout (default: on for bfloat16/float16, off for exact float32). Env: VAE_CHANNELS_LAST")
-    p.add_argument("--tile-threshold-pixels", type=int, default=defaults.tile_threshold_pixels,
-                   help=f"tile images over this many pixels (default {defaults.tile_threshold_pixels}; 0: only ?tiled=true). "
-                        "Env: VAE_TILE_THRESHOLD_PIXELS")
-    p.add_argument("--tile-size", type=int, default=defaults.tile_size,
-                   help=f"tile side in pixels (default {defaults.tile_size}). Env: VAE_TILE_SIZE")
-    p.add_argument("--tile-overlap", type=float, default=defaults.tile_overlap,
-                   help=f"blended fraction of a tile (default {defaults.tile_overlap}). Env: VAE_TILE_OVERLAP")
-    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per-image pixel limit. Env: VAE_MAX_PIXELS")
-    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request size limit. Env: VAE_MAX_BODY_BYTES")
-    p.add_argument("--model-threads", type=int, default=defaults.model_threads, help="concurrent model calls. Env: VAE_MODEL_THREADS")
-    p.add_argument("--log-level", default=defaults.log_level, help="uvicorn log level. Env: VAE_LOG_LEVEL")
-    add_hardening_arguments(p, defaults)
+    p = argparse.ArgumentParser(prog="vae serve", description="Serve VAE models over HTTP (/encode, /decode, /roundtrip, ...).")
+    for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        env = f"VAE_{name.upper()}"
+        kind, choices, is_bool, is_list = _flag_type(field.annotation)
+        default = getattr(defaults, name)
+        help_ = f"{field.description}. Env: {env}"
+        if name == "models":  # repeatable, as NAME=PATH
+            p.add_argument("--model", action="append", metavar="NAME=PATH", help=f"{help_} (repeatable)")
+        elif is_bool:
+            p.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif is_list:
+            p.add_argument(flag_name(name), default=",".join(default), metavar="A,B",
+                           help=f"{help_} (comma-separated; default {','.join(default) or 'none'})")
+        else:
+            p.add_argument(flag_name(name), type=kind, choices=choices, default=default,
+                           help=f"{help_} (default {default})")
     add_ray_arguments(p)
     return p
 
 
-def add_hardening_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
-    """Limits, queue, batching, shutdown, logging (docs/operations.md). API keys: env only (not in `ps`)."""
-    g = p.add_argument_group("limits, queue and shutdown (docs/operations.md)")
-    g.add_argument("--max-latent-elements", type=int, default=d.max_latent_elements,
-                   help="N*C*h*w limit of latents in or out. Env: VAE_MAX_LATENT_ELEMENTS")
-    g.add_argument("--image-formats", default=",".join(d.image_formats),
-                   help="accepted upload formats, comma-separated (png,jpeg,webp). Env: VAE_IMAGE_FORMATS")
-    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                   help="seconds until a request's model work must be done, else 504. Env: VAE_REQUEST_TIMEOUT")
-    g.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="waiting model work before 503 + Retry-After. Env: VAE_MAX_QUEUE")
-    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                   help="dynamic batching limit (default: 1 on CPU, 8 on CUDA). Env: VAE_MAX_BATCH_SIZE")
-    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                   help="how long a partial batch waits for companions. Env: VAE_BATCH_WAIT_MS")
-    g.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
-                   help="on SIGTERM, time for accepted requests to finish. Env: VAE_GRACE_SECONDS")
-    g.add_argument("--cors-origins", default=",".join(d.cors_origins),
-                   help="allowed CORS origins, comma-separated (default: CORS off). Env: VAE_CORS_ORIGINS")
-    g.add_argument("--log-format", default=d.log_format, choices=["json", "text"], help="Env: VAE_LOG_FORMAT")
-
-
-def settings_from_args(argv: list[str] | None) -> Settings:
-    """Environment (VAE_*) first, command line on top."""
+def parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    """Environment (VAE_*) first, the command line on top, the shipped model when none is named."""
     env = Settings()
     args = build_parser(env).parse_args(argv)
     values = env.model_dump()
-    values.update({k: v for k, v in vars(args).items() if k != "model"})
+    values.update({k: v for k, v in vars(args).items() if k in Settings.model_fields})
     if args.model:
         values["models"] = args.model
-    if not values["models"] and (DEFAULT_MODEL_DIR / "config.json").is_file():
-        values["models"] = [f"default={DEFAULT_MODEL_DIR}"]
-    return Settings(**values)
+    if not values["models"] and default_model_spec():
+        values["models"] = [default_model_spec()]
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**values), args
+    except ValidationError as exc:
+        problems = "; ".join(f"{flag_name(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"vae serve: error: {problems}") from None
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    return parse(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    try:
+        settings, args = parse(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
     if not settings.models:
         print(NO_MODEL.format(path=DEFAULT_MODEL_DIR), file=sys.stderr)
         return 2
-    ray_args = build_parser(settings).parse_args(argv)
-    if ray_args.ray:  # Ray Serve: each replica loads the models itself
+    if args.ray:  # Ray Serve: each replica loads the models itself
         from app.http.ray_serve import run as run_ray
 
-        return run_ray(settings, ray_args)
+        return run_ray(settings, args)
     from app.http.observability import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    from app.http.app import ModelRegistry, create_app
+    from app.http.app import create_app
+    from app.http.registry import ModelRegistry
 
     try:
         registry = ModelRegistry.from_settings(settings)

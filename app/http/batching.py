@@ -1,9 +1,9 @@
 """Which requests may share one forward pass, and how to merge and split them.
 
-A request is batched with others only when everything but its tensor's batch dimension is
-equal (model, op, per-row shape, dtype and the parameters `predict` reads), so the merged
-request runs through the endpoint's own `predict` unchanged and each caller gets its rows back.
-Sampling with a seed is never batched: one generator over a batch draws different noise.
+An endpoint declares `batching = BatchSpec(...)`. A request is batched with others only when
+everything but its tensor's batch dimension is equal (endpoint, per-row shape, dtype and the
+request fields `predict` reads), so the merged request runs through the endpoint's own `predict`
+unchanged and each caller gets its rows back.
 """
 
 from __future__ import annotations
@@ -17,27 +17,20 @@ from app.http.scheduler import Work
 
 
 @dataclasses.dataclass(frozen=True)
-class Spec:
+class BatchSpec:
     tensor: str  # the request field holding the (N, ...) input
     params: tuple[str, ...]  # request fields `predict` reads besides the tensor
-    when: Callable[[Any], bool] = lambda req: True
-
-
-SPECS = {
-    "EncodeEndpoint": Spec("x", ("model", "scaling_factor", "shift_factor", "out_dtype", "tiled"), lambda r: not r.sample),
-    "DecodeEndpoint": Spec("z", ("model", "scaling_factor", "shift_factor", "size", "tiled")),
-    "RoundtripEndpoint": Spec("x", ("model", "tiled")),
-}
+    when: Callable[[Any], bool] = lambda req: True  # e.g. seeded sampling: one generator per request
 
 
 def make_work(endpoint, req) -> Work:
     """The scheduler's unit for `endpoint.predict(req)`, batchable when the endpoint allows it."""
-    spec = SPECS.get(endpoint.__name__)
+    spec: BatchSpec | None = endpoint.batching
     if spec is None or not spec.when(req):
         return Work(endpoint.predict, req, None)
     t: torch.Tensor = getattr(req, spec.tensor)
     values = tuple(_hashable(getattr(req, name)) for name in spec.params)
-    key = (endpoint.__name__, values, tuple(t.shape[1:]), t.dtype)
+    key = (endpoint.path, values, tuple(t.shape[1:]), t.dtype)
     return Work(endpoint.predict, req, key, rows=int(t.shape[0]), merge=lambda reqs: _merge(spec.tensor, reqs))
 
 

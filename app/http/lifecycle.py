@@ -15,9 +15,17 @@ import time
 
 import uvicorn
 
-from app.http.request_path import begin_drain, is_idle
-
 log = logging.getLogger("vae.server")
+
+
+def begin_drain(app) -> None:
+    """SIGTERM: /readyz turns 503 and new model work is refused; queued and running work finishes."""
+    app.state.draining = True
+    app.state.scheduler.closed = True
+
+
+def is_idle(app) -> bool:
+    return app.state.http_in_flight == 0 and app.state.scheduler.idle
 
 
 class DrainingServer(uvicorn.Server):

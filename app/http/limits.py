@@ -1,4 +1,4 @@
-"""Input limits beyond the body size (app.http.app.read_body): image formats, latent sizes,
+"""Input limits beyond the body size (app.http.request_io.read_body): image formats, latent sizes,
 and Pillow's own decompression-bomb knobs.
 
 Pixel counts are checked from the image header before any pixel is decoded

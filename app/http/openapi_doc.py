@@ -13,13 +13,9 @@ _BIN = {"schema": {"type": "string", "format": "binary"}}
 IMAGES = {t: _BIN for t in ("image/png", "image/jpeg", "image/webp")}
 TENSORS = {t: _BIN for t in ("application/octet-stream", "tensor/binary", "application/x-safetensors", "application/x-npy")}
 TENSORS["application/json"] = {"schema": {"type": "object"}}
-ANSWERS = {
-    "/encode": TENSORS,
-    "/decode": {**IMAGES, **TENSORS},
-    "/roundtrip": IMAGES,
-    "/sample": {**IMAGES, **TENSORS},
-    "/interpolate": {**IMAGES, **TENSORS},
-}
+# Request bodies (the endpoints declare theirs: app.http.endpoint.Endpoint.body).
+IMAGE_BODY = {**IMAGES, "multipart/form-data": {"schema": {"type": "object", "properties": {"image": _BIN["schema"]}}}}
+TENSOR_BODY = {"tensor/binary": _BIN, "application/x-safetensors": _BIN, "application/x-npy": _BIN, "application/json": {}}
 ERROR = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["type", "message"],
@@ -32,7 +28,8 @@ ERRORS = {
 }
 
 
-def install(app: FastAPI, secured: bool) -> None:
+def install(app: FastAPI, secured: bool, answers: dict[str, dict]) -> None:
+    """`answers`: path -> the media types of its 200 answer (from the endpoints' declarations)."""
     plain = app.openapi
 
     def openapi() -> dict:
@@ -45,8 +42,8 @@ def install(app: FastAPI, secured: bool) -> None:
                 for op in ops.values():
                     responses = op.setdefault("responses", {})
                     responses.pop("422", None)  # FastAPI's validation body: never what this app sends
-                    if path in ANSWERS:
-                        responses["200"] = {"description": "the result", "content": ANSWERS[path]}
+                    if path in answers:
+                        responses["200"] = {"description": "the result", "content": answers[path]}
                         responses.update(errors)
                     elif secured and path not in ("/healthz", "/readyz"):
                         responses["401"] = errors["401"]

@@ -1,5 +1,7 @@
-"""Service settings: every option is also a `VAE_*` environment variable (pydantic-settings).
+"""Service settings: one definition per option.
 
+Each field is an environment variable `VAE_<NAME>` (pydantic-settings) and a `vae serve` flag
+`--<name>` generated from the field (app.cli.serve): name, default and help come from here.
 `VAE_MODELS` lists `NAME=PATH` entries, comma-separated or as a JSON list; the first is the
 default model. Command-line options of `vae serve` override the environment.
 """
@@ -7,45 +9,51 @@ default model. Command-line options of `vae serve` override the environment.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]  # comma-separated in the environment and on the command line
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
 
-    models: Annotated[list[str], NoDecode] = []  # "NAME=PATH" (a bare PATH is named after its folder)
-    config: str | None = None  # diffusers config folder for single-file checkpoints (default: SD kl-f8)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 needs cuda)
+    models: CommaList = Field([], description="models to serve, NAME=PATH (a bare PATH is named after its folder); "
+                                              "the first is the default")
+    config: str | None = Field(None, description="diffusers config folder for single-file checkpoints (default: SD kl-f8)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of the models (float16 needs cuda; bfloat16 is the CPU fast path)")
     # fast path and tiling (models/vae/inference.py; figures in benchmarks/RESULTS.md)
-    compile: bool = False  # torch.compile encoder/decoder, warmed up at 256x256 before /readyz is ready
-    channels_last: bool | None = None  # None: on for bfloat16/float16 (the fast path), off for float32 (exact)
-    tile_threshold_pixels: int = 1536 * 1536  # larger images are tiled automatically; 0: only with ?tiled=true
-    tile_size: int = 768  # tile side in image pixels (a multiple of the downsample factor; 768: benchmarks/RESULTS.md)
-    tile_overlap: float = 0.25  # fraction of a tile blended with its neighbour
-    max_pixels: int = 2048 * 2048  # per image, input and output: decompression-bomb and memory guard
-    max_body_bytes: int = 64 * 1024 * 1024
-    model_threads: int = 1  # concurrent model calls; CPU inference already uses every core
-    torch_threads: int | None = None  # torch.set_num_threads when set
-    warmup: bool = True  # one tiny encode+decode per model before /readyz says ready
-    jpeg_quality: int = 95  # JPEG / WebP responses
-    log_level: str = "info"
-    # --- hardening (docs/operations.md) ---
-    max_latent_elements: int = 4 * 4 * 256 * 256  # N*C*h*w of a latent tensor in or out: four 2048x2048 images
-    image_formats: Annotated[list[str], NoDecode] = ["png", "jpeg", "webp"]  # accepted uploads (allow-list)
-    request_timeout: float = 300.0  # seconds from arrival to the end of model work, else 504
-    max_queue: int = 64  # model work waiting for a worker; beyond it 503 + Retry-After at once
-    max_batch_size: int | None = None  # dynamic batching; None: 1 on CPU (no gain there), 8 on CUDA
-    batch_wait_ms: float = 2.0  # how long a lone request waits for companions before running
-    grace_seconds: float = 30.0  # on SIGTERM: time for in-flight work before the process exits
-    api_keys: Annotated[list[str], NoDecode] = []  # Bearer keys; empty = no authentication
-    cors_origins: Annotated[list[str], NoDecode] = []  # empty = no CORS headers at all
-    log_format: str = "json"  # json | text
+    compile: bool = Field(False, description="torch.compile encoder and decoder, warmed up before /readyz is ready")
+    channels_last: bool | None = Field(
+        None, description="channels_last layout (default: on for bfloat16/float16, off for exact float32)")
+    tile_threshold_pixels: int = Field(1536 * 1536, ge=0,
+                                       description="tile images over this many pixels (0: only with ?tiled=true)")
+    tile_size: int = Field(768, ge=64, description="tile side in image pixels (a multiple of the downsample factor)")
+    tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of a tile blended with its neighbour")
+    max_pixels: int = Field(2048 * 2048, ge=64, description="pixels per image, in and out (decompression bombs, memory)")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit in bytes")
+    model_threads: int = Field(1, ge=1, le=64, description="concurrent model calls")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch.set_num_threads (default: torch's)")
+    warmup: bool = Field(True, description="one small encode + decode per model before /readyz says ready")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG / WebP answers")
+    log_level: str = Field("info", description="log level (uvicorn and the service)")
+    # --- limits, queue and shutdown (docs/operations.md) ---
+    max_latent_elements: int = Field(4 * 4 * 256 * 256, ge=1, description="N*C*h*w limit of latents in or out")
+    image_formats: CommaList = Field(["png", "jpeg", "webp"], description="accepted upload formats (allow-list)")
+    request_timeout: float = Field(300.0, gt=0, description="seconds from arrival to the end of model work, else 504")
+    max_queue: int = Field(64, ge=1, description="model work waiting for a worker; beyond it 503 + Retry-After")
+    max_batch_size: int | None = Field(None, ge=1, le=256, description="dynamic batching limit (default: 1 on CPU, 8 on CUDA)")
+    batch_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a partial batch waits for companions")
+    grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM, time for accepted requests to finish")
+    api_keys: CommaList = Field([], description="Bearer API keys (environment only: not visible in `ps`); empty: no auth")
+    cors_origins: CommaList = Field([], description="allowed CORS origins (default: CORS off)")
+    log_format: Literal["json", "text"] = Field("json", description="log line format")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -57,7 +65,6 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-
     @field_validator("image_formats", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_list(cls, value):
@@ -65,13 +72,3 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-
-def parse_model_spec(spec: str) -> tuple[str, str]:
-    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last path component."""
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name:
-        return name, path
-    path = spec
-    stem = path.rstrip("/").split("/")[-1]
-    return (stem.rsplit(".", 1)[0] if "." in stem else stem) or "default", path

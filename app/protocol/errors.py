@@ -1,23 +1,12 @@
-"""Error types of the HTTP API and the handlers that turn them into `{"error": {"type", "message"}}`.
+"""Error types of the HTTP API, shared by the server and the client (no web framework here).
 
 400 malformed request, 404 unknown model, 413 too large, 415 unsupported format, 422 a tensor or
 request that parses but cannot be served (shape, channels, dtype, NaN/Inf), 401 no or wrong API key,
-503 queue full or shutting down (with Retry-After), 504 deadline passed. Anything unexpected is
-a 500 with a generic message: tracebacks go to the server log, never to the client.
+503 queue full or shutting down (with Retry-After), 504 deadline passed. The body of every error
+is `{"error": {"type", "message"}}` (`error_body`); app.http.errors installs the handlers.
 """
 
 from __future__ import annotations
-
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from models.vae.imaging import ImageError
-
-log = logging.getLogger("vae.server")
 
 
 class APIError(Exception):
@@ -62,41 +51,5 @@ class DeadlineExceeded(APIError):
     status, type = 504, "deadline_exceeded"
 
 
-def from_image_error(exc: ImageError) -> APIError:
-    cls = {"unsupported": UnsupportedMediaType, "too_large": PayloadTooLarge}.get(exc.kind, BadRequest)
-    return cls(exc.message)
-
-
 def error_body(type_: str, message: str) -> dict:
     return {"error": {"type": type_, "message": message}}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(ImageError)
-    async def _image_error(request: Request, exc: ImageError):
-        err = from_image_error(exc)
-        return JSONResponse(error_body(err.type, err.message), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        # Query parameters of the wrong type: name them, without echoing pydantic internals.
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ())[1:]) or "request"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        return JSONResponse(error_body("bad_request", "; ".join(parts)), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        # exc.headers: e.g. the Allow header a 405 must carry (RFC 9110).
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from models.training import data as data_mod
+from models.training.checkpoint import CHECKPOINT, atomic_save, rng_state, set_rng_state
+from models.training.monitor import evaluate, measure_latent_factors, plot_curves, save_grid
 from models.training import losses
 from models.training.presets import PRESETS, preset_config
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def parse_args(argv):
@@ -95,94 +95,6 @@ def lr_lambda(args):
         t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
         return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
-
-
-# --------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(vae, images, autocast):
-    """Mean PSNR (dB, uint8 convention) of the posterior-mean reconstruction of a fixed batch, its
-    per-channel colour offset (original minus reconstruction, 8-bit levels, averaged over images),
-    and the reconstruction."""
-    from models.metrics import mean_psnr, psnr
-
-    vae.eval()
-    recons = []
-    for chunk in images.split(4):
-        with autocast():
-            recons.append(vae.decode(vae.encode(chunk).latent_dist.mode()).sample.float().clamp(-1, 1))
-    recon = torch.cat(recons)
-    to_u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    a, b = to_u8(images), to_u8(recon)
-    offset = (a.astype("float64").mean((1, 2)) - b.astype("float64").mean((1, 2))).mean(0)
-    return mean_psnr([psnr(x, y) for x, y in zip(a, b)]), offset, recon
-
-
-def save_grid(images, recon, path: Path):
-    from PIL import Image
-
-    top = torch.cat(list(images[:8]), dim=2)
-    bottom = torch.cat(list(recon[:8]), dim=2)
-    grid = ((torch.cat([top, bottom], dim=1) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0)
-    Image.fromarray(grid.numpy()).save(path)
-
-
-def plot_curves(csv_path: Path, png_path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(open(csv_path)))
-    if not rows:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = [int(r["step"]) for r in rows]
-    axes[0].plot(steps, [float(r["rec_loss"]) for r in rows], lw=0.8)
-    axes[0].set(title="reconstruction loss (train)", xlabel="step", yscale="log")
-    val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
-    axes[1].plot([s for s, _ in val], [v for _, v in val], "o-", label="val")
-    axes[1].plot(steps, [float(r["psnr"]) for r in rows], lw=0.6, alpha=0.6, label="train batch")
-    axes[1].set(title="PSNR (dB)", xlabel="step")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def measure_latent_factors(vae, dataset, autocast, n: int = 64, batch: int = 8) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) from the posterior-mean latents of `n` training crops, so that
-    `(z - shift) * scale` has mean 0 and standard deviation 1 there (SD's 0.18215 is 1 / std with
-    no shift; a KL weight of 1e-6 leaves the latents off-centre, so ours need the shift)."""
-    vae.eval()
-    zs = []
-    for start in range(0, n, batch):
-        x = torch.stack([dataset[k] for k in range(start, start + batch)]).to(vae.device)
-        with autocast():
-            zs.append(vae.encode(x).latent_dist.mode().float().cpu())
-    z = torch.cat(zs)
-    return float(1.0 / z.std()), float(z.mean())
 
 
 # --------------------------------------------------------------------------- main

@@ -2,7 +2,7 @@
 
 Tensors: images are float (N, 3, H, W) in [-1, 1] of any size (padded to the downsample factor for
 the model, see `encode`); latents are raw (unscaled) float (N, C, H/f, W/f). HF scaling semantics
-live in `scale_latents` / `unscale_latents`. Later work (batching) hooks into `_encode_tensor` /
+live in models.vae.latents (the latent contract). Later work (batching) hooks into `_encode_tensor` /
 `_decode_tensor`.
 
 Fast path (measured in benchmarks/RESULTS.md): float32 stays exact (contiguous NCHW, the same
@@ -40,24 +40,6 @@ DEFAULT_TILE_THRESHOLD_PIXELS = 1536 * 1536  # above this many pixels an image i
 DEFAULT_TILE_SIZE = 768  # tile side in image pixels (latent tile = tile_size / 8); 768: see RESULTS.md
 DEFAULT_TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour and blended linearly
 DEFAULT_TILE_NORM_PASSES = 2  # 2: GroupNorm statistics shared across tiles (models/vae/tiling.py); 1: per tile
-
-
-def scale_latents(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None) -> torch.Tensor:
-    """Raw latents -> model-space latents: `(z - shift) * scale`; absent factors are skipped."""
-    if shift_factor is not None:
-        z = z - shift_factor
-    if scaling_factor is not None:
-        z = z * scaling_factor
-    return z
-
-
-def unscale_latents(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None) -> torch.Tensor:
-    """Model-space latents -> raw latents: `z / scale + shift`; absent factors are skipped."""
-    if scaling_factor is not None:
-        z = z / scaling_factor
-    if shift_factor is not None:
-        z = z + shift_factor
-    return z
 
 
 class VAEModel:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from models.vae.inference import scale_latents, unscale_latents
+from models.vae import latents
+from models.vae.latents import LatentInfo, LatentMetadataError, quantize_uint8
 
 FORMAT = "sd-vae-latents/1"
 SUFFIX = ".safetensors"
@@ -66,57 +67,21 @@ class StoreOptions:
         return "uint8" if self.quantize else self.dtype
 
 
-def quantize_uint8(z: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:
-    """float (1, C, h, w) -> (uint8 (1, C, h, w), per-channel scale, per-channel offset).
-
-    Per channel: offset = min, scale = (max - min) / 255, q = round((z - offset) / scale), so
-    |z - dequantize(q)| <= scale / 2. Scale and offset are float32 values whose JSON form is exact.
-    """
-    zc = z.float().transpose(0, 1).reshape(z.shape[1], -1)  # (C, N*h*w)
-    lo, hi = zc.min(dim=1).values, zc.max(dim=1).values
-    scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
-    view = (1, -1, 1, 1)
-    q = torch.round((z.float() - lo.view(view)) / scale.view(view)).clamp_(0, 255).to(torch.uint8)
-    return q, _short_floats(scale), _short_floats(lo)
-
-
-def _short_floats(t: torch.Tensor) -> list[float]:
-    """float32 values -> the shortest decimals that read back as the same float32 (compact JSON)."""
-    import numpy as np
-
-    return [float(str(v)) for v in t.numpy().astype(np.float32)]  # numpy prints float32 shortest-unique
-
-
-def dequantize_uint8(q: torch.Tensor, scale: list[float], offset: list[float]) -> torch.Tensor:
-    """uint8 (1, C, h, w) -> float32 latents: q * scale + offset, per channel."""
-    view = (1, -1, 1, 1)
-    s = torch.tensor(scale, dtype=torch.float32).view(view)
-    o = torch.tensor(offset, dtype=torch.float32).view(view)
-    return q.float() * s + o
-
-
 def encode_record(z: torch.Tensor, options: StoreOptions, source: str, original_size: tuple[int, int]) -> bytes:
     """Raw latents (1, C, h, w) or (C, h, w) of one image -> the bytes of a latent file."""
     z = z.detach().float().cpu()
     z = z[None] if z.ndim == 3 else z
     if options.scaled:
-        z = scale_latents(z, options.scaling_factor, options.shift_factor)
-    meta = {
-        "format": FORMAT,
-        "source": source,
-        "original_size": json.dumps([int(original_size[0]), int(original_size[1])]),
-        "model": options.model,
-        "model_sha256": options.model_sha256,
-        "scaling_factor": json.dumps(options.scaling_factor),
-        "shift_factor": json.dumps(options.shift_factor),
-        "scaled": json.dumps(options.scaled),
-        "dtype": options.stored_dtype,
-    }
+        z = latents.scale(z, options.scaling_factor, options.shift_factor)
+    info = LatentInfo(options.scaling_factor, options.shift_factor, options.scaled,
+                      (int(original_size[0]), int(original_size[1])))
     if options.quantize == "uint8":
-        stored, scale, offset = quantize_uint8(z)
-        meta.update(quant_scale=json.dumps(scale), quant_offset=json.dumps(offset))
+        stored, step, offset = quantize_uint8(z)
+        info = LatentInfo(**{**info.__dict__, "quant_scale": step, "quant_offset": offset})
     else:
         stored = z.to(STORE_DTYPES[options.dtype])
+    meta = {"format": FORMAT, "source": source, "model": options.model, "model_sha256": options.model_sha256,
+            "dtype": options.stored_dtype, **{k: json.dumps(v) for k, v in info.to_metadata().items()}}
     return save_safetensors("latents", stored, meta)
 
 
@@ -165,7 +130,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def decode_record(data: bytes) -> tuple[torch.Tensor, dict]:
-    """Latent file bytes -> (raw float32 latents (1, C, h, w), metadata with parsed JSON values).
+    """Latent file bytes -> (raw float32 latents (1, C, h, w), metadata: the file's strings, with the
+    contract's keys (models.vae.latents) replaced by their parsed values).
 
     Undoes quantisation and scaling, so the result always feeds `VAEModel.decode` directly.
     """
@@ -173,22 +139,24 @@ def decode_record(data: bytes) -> tuple[torch.Tensor, dict]:
 
     meta = header_metadata(data)
     if meta.get("format") != FORMAT:
-        raise LatentFormatError(f"not an {FORMAT} file (format={meta.get('format')!r})")
+        raise LatentFormatError(f"not an {FORMAT} file (format={_short(meta.get('format'))})")
     try:
+        info = LatentInfo.from_metadata(meta)
+        if info.original_size is None:
+            raise LatentMetadataError("metadata `original_size` is missing")
         stored = safetensors.torch.load(data)["latents"]
-        parsed = dict(meta)
-        for key in ("original_size", "scaling_factor", "shift_factor", "scaled", "quant_scale", "quant_offset"):
-            if key in meta:
-                parsed[key] = json.loads(meta[key])
-    except Exception as exc:  # SafetensorError, KeyError, ValueError: all mean a damaged file
+        if stored.ndim != 4 or stored.shape[0] != 1:
+            raise LatentMetadataError(f"`latents` must be (1, C, h, w), got {list(stored.shape)}")
+        z = info.to_raw(stored)
+    except Exception as exc:  # SafetensorError, KeyError, LatentMetadataError: all mean a damaged file
         raise LatentFormatError(f"damaged latent file: {exc}".replace("\n", " ")) from None
-    if stored.dtype == torch.uint8:
-        z = dequantize_uint8(stored, parsed["quant_scale"], parsed["quant_offset"])
-    else:
-        z = stored.float()
-    if parsed.get("scaled"):
-        z = unscale_latents(z, parsed.get("scaling_factor"), parsed.get("shift_factor"))
-    return z, parsed
+    parsed = {k: list(v) if isinstance(v, tuple) else v for k, v in info.__dict__.items() if v is not None}
+    return z, {**meta, **parsed}
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- atomic files -----------------------------------------------------------------------------

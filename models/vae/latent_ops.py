@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.vae.inference import scale_latents, unscale_latents
+from models.vae.latents import scale as scale_latents, unscale as unscale_latents
 
 METHODS = ("slerp", "lerp")
 

@@ -31,6 +31,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _LEGACY_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last path component."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    path = spec
+    stem = path.rstrip("/").split("/")[-1]
+    return (stem.rsplit(".", 1)[0] if "." in stem else stem) or "default", path
+
+
+def default_model_spec() -> str | None:
+    """`default=<models/default>` when the shipped default model is installed, else None: what
+    every command serves or uses when no model is named (the one home of that fallback)."""
+    return f"default={DEFAULT_MODEL_DIR}" if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+
+
 class ModelLoadError(RuntimeError):
     """Weights or configuration that cannot be used; `str(err)` is a one-line reason."""
 

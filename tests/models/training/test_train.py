@@ -1,0 +1,187 @@
+"""Training pipeline: loss goes down, resume is exact, kill -9 loses at most N steps, export round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from support import ROOT, TINY_CONFIG, make_tiny_vae
+from models.training import train
+from models.training.data import RandomCrops, list_images
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A few real-looking images: smooth gradients with shapes, several sizes and modes."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + 60 * i], -1) % 256
+        im = Image.fromarray(base.astype(np.uint8))
+        draw = ImageDraw.Draw(im)
+        draw.ellipse([5, 5, w // 2, h // 2], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        if i == 4:
+            im = im.convert("L")  # greyscale must be converted to RGB
+        (folder / "sub").mkdir(exist_ok=True)
+        im.save(folder / ("sub" if i % 2 else ".") / f"img{i}.{'png' if i % 3 else 'jpg'}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    path.write_text(json.dumps({"_class_name": "AutoencoderKL", **TINY_CONFIG}))
+    return path
+
+
+def _args(folder, out, config, *extra):
+    return [str(folder), "--out", str(out), "--config", str(config), "--crop", "32", "--batch-size", "4",
+            "--workers", "0", "--val-images", "2", "--log-every", "2", "--eval-every", "4", "--warmup", "2",
+            "--checkpoint-every", "3", "--threads", "1", *extra]
+
+
+def test_data_stream_is_deterministic_and_covers_folders(image_folder):
+    files = list_images([image_folder])
+    assert len(files) == 6 and any("sub" in str(f) for f in files)
+    a, b = RandomCrops(files, crop=32, seed=3), RandomCrops(files, crop=32, seed=3)
+    x, y = a[17], b[17]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, y) and not torch.equal(a[17], a[18])
+    # one epoch visits every file once
+    assert sorted(a.file_index(k) for k in range(6)) == list(range(6))
+
+
+def test_few_steps_reduce_the_loss(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "40", "--lr", "2e-3")) == 0
+    rows = list(__import__("csv").DictReader(open(out / "metrics.csv")))
+    first, last = float(rows[0]["rec_loss"]), float(rows[-1]["rec_loss"])
+    assert last < 0.7 * first, (first, last)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["block_out_channels"] == TINY_CONFIG["block_out_channels"]
+    assert config["scaling_factor"] != TINY_CONFIG["scaling_factor"]  # measured: 1 / latent std
+    assert (out / "curves.png").is_file() and list(out.glob("recon-*.png"))
+
+
+def test_resume_gives_the_same_next_steps(image_folder, tiny_config, tmp_path):
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    assert train.main(_args(image_folder, straight, tiny_config, "--steps", "6")) == 0
+    assert train.main(_args(image_folder, paused, tiny_config, "--steps", "6", "--stop-at", "3")) == 0
+    assert torch.load(paused / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert train.main(_args(image_folder, paused, tiny_config, "--steps", "6", "--resume")) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(paused / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]))
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "r"
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "1", "--resume")) == 2
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "3")) == 0
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "3")) == 2
+
+
+def test_kill_9_loses_at_most_checkpoint_every_steps(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "models.training.train", *_args(image_folder, out, tiny_config, "--steps", "100000")]
+    cmd[cmd.index("--checkpoint-every") + 1] = "2"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+    time.sleep(1.0)  # let it overwrite the checkpoint a few times, then kill it mid-run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    metrics = list(__import__("csv").DictReader(open(out / "metrics.csv")))
+    state = torch.load(ckpt, weights_only=True)  # never a torn file: written atomically
+    assert state["step"] >= int(metrics[-1]["step"]) - 2
+    assert not (out / "checkpoint.pt.tmp").exists() or state["step"] > 0
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", str(state["step"] + 2), "--resume")) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == state["step"] + 2
+    steps = [int(r["step"]) for r in __import__("csv").DictReader(open(out / "metrics.csv"))]
+    assert steps == sorted(set(steps)), "rows after the checkpoint must be replaced, not duplicated"
+
+
+def test_export_single_file_round_trip(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from models.vae.export import main as export_main
+    from models.vae.loading import load_weights
+
+    vae = make_tiny_vae(seed=5)
+    vae.save_pretrained(tmp_path / "m")
+    out = tmp_path / "ldm" / "vae.safetensors"
+    assert export_main([str(tmp_path / "m"), "--single-file", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    assert "encoder.down.0.block.0.conv1.weight" in keys and "decoder.up.0.block.0.conv1.weight" in keys
+    reloaded = AutoencoderKL.from_single_file(str(out), config=str(tmp_path / "m"), local_files_only=True)
+    ours = load_weights(out, config=tmp_path / "m").vae
+    x = torch.rand(2, 3, 40, 24) * 2 - 1
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        for other in (reloaded, ours):
+            assert torch.equal(other.decode(other.encode(x).latent_dist.mode()).sample, expected)
+
+
+def test_decoder_only_fine_tune_from_init_keeps_the_encoder(image_folder, tiny_vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ft"
+    args = _args(image_folder, out, "unused", "--steps", "3", "--ema", "0.5")
+    i = args.index("--config")
+    args[i:i + 2] = ["--init", str(tiny_vae_dir), "--decoder-only"]
+    assert train.main(args) == 0
+    before = load_file(str(tiny_vae_dir / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_export_float16_diffusers_folder(tmp_path):
+    from models.vae.export import main as export_main
+    from models.vae.loading import load_weights
+
+    vae = make_tiny_vae(seed=7)
+    vae.save_pretrained(tmp_path / "m")
+    assert export_main([str(tmp_path / "m"), "--diffusers", str(tmp_path / "half"), "--dtype", "float16"]) == 0
+    half = load_weights(tmp_path / "half").vae  # loads back as float32
+    size = lambda d: (d / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "m")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(half.state_dict()[key], value.half().float()), key
+
+
+def test_presets_are_kl_f8_and_small_fits_a_quarter_of_sd_decoder_flops():
+    from diffusers import AutoencoderKL
+
+    from models.vae.info import count_flops
+    from models.training.presets import PRESETS
+
+    flops = {}
+    for name, config in PRESETS.items():
+        with torch.device("meta"):  # counted without allocating or computing
+            vae = AutoencoderKL(**config)
+        assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x down
+        flops[name] = count_flops(vae, 256)["decode"]
+    assert flops["small"] <= 0.25 * flops["sd"] and flops["tiny"] < flops["compact"] < flops["small"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from skimage.metrics import structural_similarity
 
 
 def _as_uint8_hwc(image) -> np.ndarray:
@@ -31,17 +30,44 @@ def psnr(reference, test) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
+def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's 1-D kernel (radius int(truncate * sigma + 0.5) = 5: 11 taps)."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _filter_valid(image: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Separable 2-D filter of (H, W, C) over the positions where the window fits ('valid')."""
+    k = len(w)
+    rows = sum(w[i] * image[i : image.shape[0] - k + 1 + i] for i in range(k))
+    return sum(w[i] * rows[:, i : rows.shape[1] - k + 1 + i] for i in range(k))
+
+
 def ssim(reference, test) -> float:
-    """SSIM (gaussian window 11, sigma 1.5) between two uint8 RGB images, in [-1, 1]."""
+    """SSIM (gaussian window 11, sigma 1.5) between two uint8 RGB images, in [-1, 1].
+
+    Equal to scikit-image's `structural_similarity(channel_axis=2, data_range=255,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)` (tested): scikit-image filters
+    the whole image and then drops a 5-pixel border before averaging, and the values it keeps are
+    exactly those where the 11-tap window fits inside the image, which is what is computed here.
+    numpy only, so serving (/roundtrip) does not need scikit-image and scipy.
+    """
     a, b = _as_uint8_hwc(reference), _as_uint8_hwc(test)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    return float(
-        structural_similarity(
-            a, b, channel_axis=2, data_range=255,
-            gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        )
-    )
+    w = _gaussian_window()
+    if min(a.shape[:2]) < len(w):
+        raise ValueError(f"images of {a.shape[1]}x{a.shape[0]} are smaller than the SSIM window ({len(w)})")
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _filter_valid(x, w), _filter_valid(y, w)
+    vx = _filter_valid(x * x, w) - mx * mx
+    vy = _filter_valid(y * y, w) - my * my
+    cxy = _filter_valid(x * y, w) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean(axis=(0, 1)).mean())
 
 
 def mean_psnr(values) -> float:

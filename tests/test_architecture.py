@@ -115,3 +115,20 @@ def test_tests_do_not_import_test_files():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1].startswith(("test_", "conftest")):
                 offenders.append(f"{path.relative_to(ROOT)}: from {node.module}")
     assert not offenders, offenders
+
+
+
+def test_serving_code_imports_no_extra():
+    """The lean install: what serving runs (app/, models/vae/, models/metrics.py) imports none of
+    the extras (`train`: accelerate, matplotlib; the tests' scikit-image; scipy), anywhere, so the
+    image that installs only the base dependencies serves everything (the container check in CI
+    runs /roundtrip in it). diffusers itself imports accelerate and scipy when they are installed."""
+    extras = ("accelerate", "matplotlib", "skimage", "scipy")
+    bad = []
+    for name, path in modules().items():
+        if name.startswith(("app", "models.vae", "models.metrics")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                bad += [f"{name}: {n}" for n in names if n.split(".")[0] in extras]
+    assert not bad, bad

@@ -14,6 +14,7 @@ import anyio
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app.http import middleware, openapi_doc, page
 from app.http.endpoint import mount
@@ -23,6 +24,8 @@ from app.http.observability import Metrics
 from app.http.registry import ModelRegistry
 from app.http.scheduler import Scheduler
 from app.http.settings import Settings
+
+DOCS_ASSETS = "/static-docs"  # Swagger UI / ReDoc files (public, like the page's /static)
 
 
 def default_batch_size(settings: Settings) -> int:
@@ -48,8 +51,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         app.state.ready = True
         yield
 
-    app = FastAPI(title="sd-vae-service", version="0.1.0", lifespan=lifespan,
-                  description="Encode images to Stable-Diffusion VAE latents and decode them back.")
+    # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc assets served from here (fastapi-offline
+    # ships them), not from a CDN: the API docs work on machines without internet.
+    app = FastAPIOffline(title="sd-vae-service", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
+                         description="Encode images to Stable-Diffusion VAE latents and decode them back.")
     state = app.state
     state.settings, state.registry, state.ready, state.draining, state.http_in_flight = settings, registry, False, False, 0
     state.limiter = anyio.CapacityLimiter(max(1, settings.model_threads))

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from app.protocol.errors import error_body
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/", "/favicon.ico"}
-PUBLIC_PREFIXES = ("/static/",)  # the page's assets; the page sends the key on its API calls
+PUBLIC_PREFIXES = ("/static/", "/static-docs/")  # page and API-docs assets; the page sends the key on its API calls
 
 
 def key_matches(presented: str, keys: list[bytes]) -> bool:

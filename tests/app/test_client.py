@@ -88,3 +88,14 @@ def test_remote_autoencoder_in_a_pipeline_loop(url, models):
     out = processor.postprocess(image, output_type="pil")[0]
     assert np.array_equal(np.asarray(out), imaging.to_uint8(model.decode(dist.mode()))[0].numpy())
     assert RemoteAutoencoderKL(url, model="other").config.scaling_factor == 0.25
+
+
+def test_client_sends_channels_last_latents_correctly(url, models):
+    """diffusers' remote_decode sends a channels_last tensor's memory as if it were contiguous
+    (README: call it with z.contiguous()); the bundled client makes its inputs contiguous."""
+    model, client = models[0], VAEClient(url)
+    z = model.encode(imaging.to_tensor(gradient_image(48, 32)))
+    cl = z.to(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    assert torch.equal(client.decode_tensor(cl), model.decode(z))
+    assert np.array_equal(np.asarray(client.decode(cl)[0]), imaging.to_uint8(model.decode(z))[0].numpy())

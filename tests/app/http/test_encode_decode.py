@@ -319,3 +319,17 @@ def test_error_500_hides_traceback(models, monkeypatch):
         assert_error(r, 500, "internal_error", "internal server error")
         assert "secret" not in r.text
         assert c.get("/healthz").status_code == 200  # still serving
+
+
+def test_decode_raw_body_with_curls_default_content_type(client, model):
+    """`curl --data-binary @z.bin "$URL/decode?shape=...&dtype=float32"` sends
+    application/x-www-form-urlencoded: with `shape` given, the body is read as raw bytes."""
+    z = _latents(model)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = client.post("/decode", content=wire.tensor_to_raw(z), params=raw_params(z), headers=form)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    want = imaging.to_uint8(model.vae.decode(z).sample)[0].numpy()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want)
+    # Without `shape` it is still refused as a form, naming the type.
+    r = client.post("/decode", content=wire.tensor_to_raw(z), headers=form)
+    assert r.status_code == 415 and "x-www-form-urlencoded" in r.json()["error"]["message"]

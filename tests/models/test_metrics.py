@@ -1,0 +1,38 @@
+"""models/metrics.py: PSNR by its definition, SSIM equal to scikit-image's reference implementation
+(which serving no longer installs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from models.metrics import ssim
+
+
+def reference(a, b) -> float:
+    return structural_similarity(a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False)
+
+
+@pytest.mark.parametrize("photo", ["astronaut.png", "coffee.png", "rocket.jpg"])
+def test_ssim_equals_scikit_image_on_photos(photos_dir, photo):
+    a = np.asarray(Image.open(photos_dir / photo).convert("RGB"))
+    rng = np.random.default_rng(0)
+    b = np.clip(a.astype(int) + rng.normal(0, 20, a.shape), 0, 255).astype(np.uint8)
+    assert ssim(a, b) == pytest.approx(reference(a, b), abs=1e-12)
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(11, 11, 3), (13, 40, 3), (64, 17, 3)])
+def test_ssim_equals_scikit_image_at_the_smallest_sizes(shape):
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 256, shape).astype(np.uint8) for _ in range(2))
+    assert ssim(a, b) == pytest.approx(reference(a, b), abs=1e-12)
+
+
+def test_ssim_refuses_images_smaller_than_its_window():
+    a = np.zeros((10, 40, 3), np.uint8)
+    with pytest.raises(ValueError, match="smaller than the SSIM window"):
+        ssim(a, a)

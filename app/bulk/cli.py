@@ -7,7 +7,9 @@
 Jobs are resumable: outputs are written atomically (temporary name + rename), a rerun skips what
 is already there, and a killed run (even `kill -9`) loses at most the work in flight (with shards:
 the shard in progress). A bad input is reported in the summary and skipped; the exit status is 1
-when anything failed, 2 when the job could not start. The building blocks are in app.bulk.jobs.
+when anything failed, 2 when the job could not start (a bad option, no model, an unwritable --out:
+one line, checked before the model loads), 130 on Ctrl-C (finished files are kept; rerun to resume).
+The building blocks are in app.bulk.jobs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch
 
 from app.bulk import encoders
 from app.bulk import jobs as core
+from models.options import Parser, fail, int_range, nonnegative_int, positive_int
 from models.vae import imaging
 from models.vae import latent_files as latent_store
 
 MULTI_COMMAND = True  # app.cli.main passes the command name: this module serves `encode` and `decode`
 LATENT_SUFFIXES = {latent_store.SUFFIX, ".tar"}
+PROG_ENCODE, PROG_DECODE = "vae encode", "vae decode"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,17 +41,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model runs in (float16 needs cuda)")
     p.add_argument("--server", metavar="URL", help="use a running `vae serve` instead of an in-process model")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server (default 4)")
-    p.add_argument("--retries", type=int, default=5, help="retries on 429/502/503/504 and connection errors")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model batch (default 8)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding/reading threads")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight with --server (default 4)")
+    p.add_argument("--retries", type=nonnegative_int, default=5, help="retries on 429/502/503/504 and connection errors")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per model batch (default 8)")
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding/reading threads")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--report", metavar="FILE", help="also write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def encode_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae encode", description="Encode images (files, folders, globs) into latent files.")
+    p = Parser(prog="vae encode", description="Encode images (files, folders, globs) into latent files.")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or quoted globs")
     _common(p)
     p.add_argument("--latent-dtype", default="float16", choices=list(latent_store.STORE_DTYPES),
@@ -56,20 +61,21 @@ def encode_parser() -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)  # the old spelling of --latent-dtype
     p.add_argument("--quantize", choices=["uint8"], help="store uint8 with per-channel scale/offset (0.5 bit/pixel at f8x4)")
     p.add_argument("--scaled", action="store_true", help="store (z - shift) * scaling_factor (diffusion-ready) instead of raw z")
-    p.add_argument("--shard-size", type=int, default=0, metavar="N", help="write WebDataset tar shards of N samples")
-    p.add_argument("--max-pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS, help="per-image pixel limit")
+    p.add_argument("--shard-size", type=nonnegative_int, default=0, metavar="N",
+                   help="write WebDataset tar shards of N samples")
+    p.add_argument("--max-pixels", type=positive_int, default=imaging.DEFAULT_MAX_PIXELS, help="per-image pixel limit")
     p.add_argument("--ray", action="store_true", help="run as a Ray Data job (pip install 'sd-vae-service[ray]')")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--actors", type=int, default=2, help="Ray actors holding a model (default 2)")
+    p.add_argument("--actors", type=positive_int, default=2, help="Ray actors holding a model (default 2)")
     return p
 
 
 def decode_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vae decode", description="Decode latent files (or tar shards) back into images.")
+    p = Parser(prog="vae decode", description="Decode latent files (or tar shards) back into images.")
     p.add_argument("latents", nargs="+", help=".safetensors latent files, .tar shards or folders of them")
     _common(p)
     p.add_argument("--format", default="png", choices=["png", "jpg", "webp"], help="image format (default png)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality (default 95)")
+    p.add_argument("--quality", type=int_range(1, 100), default=95, help="JPEG / WebP quality (default 95)")
     return p
 
 
@@ -90,6 +96,17 @@ def _progress(total: int, args, unit: str = "img"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, disable=args.quiet, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+def _unwritable(args) -> str | None:
+    """Why --out (or the --report folder) cannot be written, checked before any model loads; None if fine."""
+    try:
+        core.check_writable(args.out)
+        if args.report:
+            core.check_writable(Path(args.report).parent)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _finish(summary: core.Summary, args) -> int:
@@ -114,12 +131,12 @@ def encode_main(argv: list[str]) -> int:
         print("vae encode: --dtype is deprecated, use --latent-dtype (the storage dtype of the latents)", file=sys.stderr)
         args.latent_dtype = args.deprecated_dtype
     if args.shard_size and args.overwrite:
-        print("vae encode: error: --overwrite does not apply to shards: use a new --out", file=sys.stderr)
-        return 2
+        return fail(PROG_ENCODE, "--overwrite does not apply to shards: use a new --out")
     if args.ray and args.server:
-        print("vae encode: error: --ray runs the model on Ray actors; it excludes --server", file=sys.stderr)
-        return 2
-    items, problems = core.collect_inputs(args.inputs)
+        return fail(PROG_ENCODE, "--ray runs the model on Ray actors; it excludes --server")
+    if (problem := _unwritable(args)) is not None:
+        return fail(PROG_ENCODE, problem)
+    items, problems = core.collect_inputs(args.inputs, check_names=True)
     summary = core.Summary("encode", total=len(items) + len(problems))
     for label, reason in problems:
         summary.fail(label, reason)
@@ -134,8 +151,7 @@ def encode_main(argv: list[str]) -> int:
             multiple = encoder.model.downsample_factor
         facts = encoder.store_facts()
     except (ModelLoadError, OSError, RuntimeError) as exc:  # requests errors are OSErrors
-        print(f"vae encode: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG_ENCODE, str(exc))
     options = latent_store.StoreOptions(**facts, dtype=args.latent_dtype, quantize=args.quantize, scaled=args.scaled)
     sink = core.ShardSink(args.out, args.shard_size) if args.shard_size else core.FileSink(args.out, options)
     todo = [item for item in items if args.overwrite or not sink.is_done(item)]
@@ -155,9 +171,15 @@ def encode_main(argv: list[str]) -> int:
             if outcome.error is not None:
                 summary.fail(outcome.item.path, outcome.error)
             else:
-                summary.bytes_out += sink.write(outcome.item, outcome.payload)
-                summary.bytes_in += outcome.item.nbytes
-                summary.done += 1
+                try:
+                    summary.bytes_out += sink.write(outcome.item, outcome.payload)
+                except OSError as exc:
+                    if isinstance(sink, core.ShardSink):
+                        raise  # a tar shard cannot skip a member: the job stops (main: one line)
+                    summary.fail(outcome.item.path, f"cannot write its latent file: {exc}")
+                else:
+                    summary.bytes_in += outcome.item.nbytes
+                    summary.done += 1
             bar.update(1)
             bar.set_postfix(failed=len(summary.failures), refresh=False)
     finally:
@@ -209,21 +231,40 @@ class _LocalDecoder:
         return [images[i : i + 1] for i in range(len(latents))]
 
 
+def _plan_record(data: bytes, out: Path, ext: str, factor: int) -> tuple[torch.Tensor, dict, Path]:
+    """(raw latents, metadata, image path) of one latent file; ValueError naming what is wrong with it."""
+    z, meta = latent_store.decode_record(data)  # validates the contract's metadata (models.vae.latents)
+    raw = meta.get("source")
+    try:
+        source = Path(latent_store.check_source(raw)) if isinstance(raw, str) else None
+    except ValueError as exc:
+        raise ValueError(f"unsafe source path in metadata: {exc}") from None
+    if source is None or not source.name or source.is_absolute() or ".." in source.parts:  # never outside --out
+        raise ValueError(f"unsafe or missing source path {raw!r} in metadata")
+    h, w = meta["original_size"]
+    full = (z.shape[-2] * factor, z.shape[-1] * factor)
+    if not (h <= full[0] and w <= full[1]):
+        raise ValueError(f"metadata `original_size` {[h, w]} does not fit the decoded size {list(full)}")
+    return z, meta, out / source.with_suffix(ext)
+
+
 def decode_main(argv: list[str]) -> int:
     args = decode_parser().parse_args(argv)
+    if (problem := _unwritable(args)) is not None:
+        return fail(PROG_DECODE, problem)
     summary = core.Summary("decode")
     from models.vae.loading import ModelLoadError
 
     try:
         if args.server:
             decoder = encoders.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
-            sha = decoder.info()["sha256"]
+            info = decoder.info()
+            sha, factor = info["sha256"], int(info["downsample_factor"])
         else:
             decoder = _LocalDecoder(load_model(args))
-            sha = decoder.model.sha256
+            sha, factor = decoder.model.sha256, decoder.model.downsample_factor
     except (ModelLoadError, OSError, RuntimeError) as exc:
-        print(f"vae decode: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG_DECODE, str(exc))
     out, ext = Path(args.out), {"png": ".png", "jpg": ".jpg", "webp": ".webp"}[args.format]
     out.mkdir(parents=True, exist_ok=True)
     latent_store.remove_partials(out)
@@ -240,29 +281,26 @@ def decode_main(argv: list[str]) -> int:
                 summary.fail(label, img)
             else:
                 h, w = meta["original_size"]
-                pil = imaging.to_pil(img[:, :h, :w])[0]
-                data = imaging.encode_image(pil, args.format, args.quality)
-                latent_store.write_atomic(target, data)
-                summary.done += 1
-                summary.bytes_in += nbytes
-                summary.bytes_out += len(data)
+                try:
+                    data = imaging.encode_image(imaging.to_pil(img[:, :h, :w])[0], args.format, args.quality)
+                    latent_store.write_atomic(target, data)
+                except OSError as exc:  # this image cannot be written (its folder, the disk): the job goes on
+                    summary.fail(label, f"cannot write {target}: {exc}")
+                else:
+                    summary.done += 1
+                    summary.bytes_in += nbytes
+                    summary.bytes_out += len(data)
             bar.update(1)
 
     try:
         for label, data in iter_records(args.latents, summary):
             summary.total += 1
             try:
-                z, meta = latent_store.decode_record(data)
-            except latent_store.LatentFormatError as exc:
+                z, meta, target = _plan_record(data, out, ext, factor)
+            except ValueError as exc:  # LatentFormatError, unsafe source, size that does not fit
                 summary.fail(label, str(exc))
                 bar.update(1)
                 continue
-            source = Path(str(meta.get("source", "")))
-            if not source.name or source.is_absolute() or ".." in source.parts:  # never write outside --out
-                summary.fail(label, f"unsafe or missing source path {meta.get('source')!r} in metadata")
-                bar.update(1)
-                continue
-            target = out / source.with_suffix(ext)
             if target in claimed:
                 summary.fail(label, f"decodes to {target}, as {claimed[target]} does")
                 continue
@@ -289,9 +327,16 @@ def decode_main(argv: list[str]) -> int:
 
 
 def main(command: str, argv: list[str]) -> int:
-    if command == "encode":
-        return encode_main(argv)
-    if command == "decode":
-        return decode_main(argv)
-    print(f"vae: unknown command {command!r}", file=sys.stderr)
-    return 2
+    jobs = {"encode": encode_main, "decode": decode_main}
+    if command not in jobs:
+        print(f"vae: unknown command {command!r}", file=sys.stderr)
+        return 2
+    prog = f"vae {command}"
+    try:
+        return jobs[command](argv)
+    except KeyboardInterrupt:  # the job's `finally` has closed the shard in progress
+        print(f"{prog}: interrupted: finished files are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:  # e.g. the disk filled up under a shard: the job cannot go on
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1

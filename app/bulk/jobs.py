@@ -10,9 +10,11 @@ actors, produces byte-identical files.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -57,12 +59,19 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def collect_inputs(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Item], list[tuple[str, str]]]:
+def display(path) -> str:
+    """A path as text that prints anywhere (bytes of a non-UTF-8 name shown as \\xNN)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def collect_inputs(inputs: list[str], suffixes=IMAGE_SUFFIXES,
+                   check_names: bool = False) -> tuple[list[Item], list[tuple[str, str]]]:
     """Files, folders (recursive, by suffix) and globs -> (Items, [(input, reason)] for bad inputs).
 
     Relative paths: a folder's files relative to the folder, a glob's matches relative to the folder
     before its first wildcard, a plain file by its name. Two inputs with the same relative path
-    would overwrite each other's output, so the second is reported instead.
+    would overwrite each other's output, so the second is reported instead. With `check_names`,
+    a relative path that cannot be recorded as a latent file's `source` (not UTF-8) is reported.
     """
     items: list[Item] = []
     problems: list[tuple[str, str]] = []
@@ -70,6 +79,12 @@ def collect_inputs(inputs: list[str], suffixes=IMAGE_SUFFIXES) -> tuple[list[Ite
 
     def add(path: Path, rel: Path) -> None:
         key = rel.as_posix()
+        if check_names:
+            try:
+                latent_store.check_source(key)
+            except ValueError as exc:
+                problems.append((display(path), str(exc)))
+                return
         if key in seen:
             problems.append((str(path), f"same relative path {key!r} as {seen[key]}"))
             return
@@ -209,6 +224,7 @@ class FileSink:
                              and meta.get("scaled") == json.dumps(o.scaled))
 
     def write(self, item: Item, payload: bytes) -> int:
+        """Raises OSError when this one file cannot be written (the job may go on)."""
         latent_store.write_atomic(latent_store.latent_path(self.out, item.rel), payload)
         return len(payload)
 
@@ -217,16 +233,17 @@ class FileSink:
 
 
 class ShardSink:
-    """WebDataset tar shards of `shard_size` samples. Done = key present in a finished shard."""
+    """WebDataset tar shards of `shard_size` samples. Done = a finished shard holds a latent file of
+    this source (by its metadata: keys of older versions could collide)."""
 
     def __init__(self, out: str | Path, shard_size: int):
         if Path(out).is_dir():
             latent_store.remove_partials(out)
         self.writer = latent_store.ShardWriter(out, shard_size)
-        self.done = self.writer.done_keys()
+        self.done = self.writer.done_sources()
 
     def is_done(self, item: Item) -> bool:
-        return latent_store.sample_key(item.rel) in self.done
+        return item.rel in self.done
 
     def write(self, item: Item, payload: bytes) -> int:
         self.writer.add(latent_store.sample_key(item.rel), payload)
@@ -234,6 +251,21 @@ class ShardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` if needed and prove a file can be written in it; OSError naming it if not.
+
+    Run before any model is loaded, so an unwritable --out costs nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write in {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vae-write-check.", suffix=latent_store.PARTIAL):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 # --- summary -----------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ Writes results.json, results.md and results.png (plus tiling samples) to `--out`
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import shutil
@@ -45,31 +44,32 @@ from benchmarks.bench.machine import loadavg, machine, measure_peak
 from benchmarks.bench.quality import kodak_quality, large_check, tiling_check
 from benchmarks.bench.report import markdown, plot
 from benchmarks.bench.timing import run_benchmarks
+from models.options import Parser, nonnegative_int, positive_float, positive_int
 
 
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vae bench", description=__doc__.splitlines()[0])
+    p = Parser(prog="vae bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["sd"], help="sd | default | NAME=PATH (several: one table each)")
     p.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--ops", nargs="+", default=None, choices=OPS)
-    p.add_argument("--sizes", nargs="+", type=int, default=None, help="square image sides (default 256 512 1024)")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per measurement (default 5)")
-    p.add_argument("--concurrency", nargs="+", type=int, default=None, help="HTTP concurrency levels (default 1 4 16)")
-    p.add_argument("--concurrency-sizes", nargs="+", type=int, default=None,
+    p.add_argument("--sizes", nargs="+", type=positive_int, default=None, help="square image sides (default 256 512 1024)")
+    p.add_argument("--runs", type=positive_int, default=None, help="timed runs per measurement (default 5)")
+    p.add_argument("--concurrency", nargs="+", type=positive_int, default=None, help="HTTP concurrency levels (default 1 4 16)")
+    p.add_argument("--concurrency-sizes", nargs="+", type=positive_int, default=None,
                    help="sizes at which concurrency > 1 is measured (default: all)")
     p.add_argument("--kodak", type=Path, default=None, help=f"Kodak folder for bf16 vs fp32 PSNR (default {KODAK} if present)")
-    p.add_argument("--kodak-limit", type=int, default=None, help="use only the first N Kodak images")
+    p.add_argument("--kodak-limit", type=positive_int, default=None, help="use only the first N Kodak images")
     p.add_argument("--no-kodak", action="store_true")
-    p.add_argument("--tiling-size", type=int, default=None, help="tiled vs untiled PSNR at this size (default 1024; 0: skip)")
-    p.add_argument("--tile-size", type=int, default=768)  # the server default (app.http.settings)
-    p.add_argument("--large", type=int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
+    p.add_argument("--tiling-size", type=nonnegative_int, default=None, help="tiled vs untiled PSNR at this size (default 1024; 0: skip)")
+    p.add_argument("--tile-size", type=positive_int, default=768)  # the server default (app.http.settings)
+    p.add_argument("--large", type=nonnegative_int, default=0, help="an NxN /roundtrip through the server, tiled and untiled (e.g. 4096)")
     p.add_argument("--no-untiled", action="store_true", help="with --large: skip the untiled server")
     p.add_argument("--no-tiled", action="store_true", help="with --large: only the untiled server")
     p.add_argument("--large-dtype", default="float32", choices=["float32", "bfloat16"], help="server dtype for --large")
-    p.add_argument("--rss-cap-gib", type=float, default=12.0, help="kill the untiled --large server above this RSS")
-    p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the machine's peak")
+    p.add_argument("--rss-cap-gib", type=positive_float, default=12.0, help="kill the untiled --large server above this RSS")
+    p.add_argument("--peak-n", type=positive_int, default=2048, help="matmul size for the machine's peak")
     p.add_argument("--quick", action="store_true", help="smoke run: size 64, 2 runs, concurrency 1 2, small extras")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = p.parse_args(argv)

@@ -8,6 +8,8 @@ change the data, and each accelerate process reads its own disjoint slice.
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from models.vae.imaging import open_image, resize_center_crop, resize_short_side
+from models.vae.imaging import ALLOWED_FORMATS, ImageError, open_image, resize_center_crop, resize_short_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# Local training files are trusted to be large, not to be well formed: a header claiming more pixels
+# than this (a decompression bomb, or a damaged header) is skipped. PIL itself refuses above ~179M.
+MAX_TRAIN_PIXELS = 128 * 1024 * 1024
+
+
+def warn_skip(path, reason: str) -> None:
+    """One line on stderr naming a skipped image and why (training goes on without it)."""
+    print(f"vae train: warning: skipping {path}: {reason}", file=sys.stderr, flush=True)
 
 
 def list_images(folders) -> list[Path]:
@@ -34,10 +44,36 @@ def list_images(folders) -> list[Path]:
     return sorted(set(files))
 
 
+def image_problem(path: Path, max_pixels: int = MAX_TRAIN_PIXELS) -> str | None:
+    """Why `path` cannot be a training image, judged from its header (nothing is decoded), or None."""
+    try:
+        with Image.open(path) as im:
+            fmt, (width, height) = im.format, im.size
+    except Image.DecompressionBombError as exc:
+        return f"image too large: {exc}"
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...: not an image we can read
+        return f"not a readable image: {' '.join(str(exc).split()) or type(exc).__name__}"
+    if fmt not in ALLOWED_FORMATS:
+        return f"unsupported format {fmt}: expected PNG, JPEG or WebP"
+    if width * height > max_pixels:
+        return f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}"
+    return None
+
+
+def usable_images(files, workers: int = 8) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Split files into (usable, [(file, reason)]) by their headers, in the given order."""
+    files = list(files)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(pool.map(image_problem, files))
+    good = [f for f, why in zip(files, problems) if why is None]
+    return good, [(f, why) for f, why in zip(files, problems) if why is not None]
+
+
 def load_rgb(path: Path, max_short_side: int | None = None) -> Image.Image:
     """Decode to 8-bit RGB (models.vae.imaging: EXIF orientation, greyscale / CMYK / alpha handled) and
-    optionally downsize once so the short side is at most `max_short_side` (bounds per-crop work)."""
-    im = open_image(path, max_pixels=1 << 30)  # trusted local training files: no bomb limit
+    optionally downsize once so the short side is at most `max_short_side` (bounds per-crop work).
+    Raises ImageError (or OSError) for a file that cannot be decoded."""
+    im = open_image(path, max_pixels=MAX_TRAIN_PIXELS)
     if max_short_side and min(im.size) > max_short_side:
         im = resize_short_side(im, max_short_side)
     return im
@@ -55,6 +91,10 @@ class RandomCrops(Dataset):
     Augmentation: the short side is resized to a random size in [crop, crop * max_zoom] (capped
     at the image's own short side, never upsampled past it unless the image is smaller than the
     crop), then a random crop and a random horizontal flip.
+
+    A file that fails to decode (truncated after a good header, say) is named once on stderr and
+    replaced by the next file in the list that decodes: whether a file decodes does not depend on
+    when it is read, so the stream stays a pure function of (seed, k) and `--resume` sees it too.
     """
 
     def __init__(self, files, crop: int = 256, max_zoom: float = 2.0, seed: int = 0, cache: bool = True):
@@ -63,6 +103,7 @@ class RandomCrops(Dataset):
             raise ValueError("no training images found")
         self.crop, self.max_zoom, self.seed, self.cache = crop, max_zoom, seed, cache
         self._cache: dict[int, Image.Image] = {}  # per worker; decoded once, downsized
+        self._bad: dict[int, str] = {}  # per worker: files that failed to decode, and why
 
     def __len__(self) -> int:  # nominal: the stream is endless, the sampler decides
         return 1 << 62
@@ -75,6 +116,16 @@ class RandomCrops(Dataset):
                 self._cache[index] = im
         return im
 
+    def _usable(self, index: int) -> Image.Image | None:
+        if index in self._bad:
+            return None
+        try:
+            return self._image(index)
+        except (ImageError, OSError) as exc:
+            self._bad[index] = str(exc)
+            warn_skip(self.files[index], str(exc))
+            return None
+
     def file_index(self, k: int) -> int:
         n = len(self.files)
         epoch, pos = divmod(k, n)
@@ -82,7 +133,13 @@ class RandomCrops(Dataset):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, 1, k])
-        im = self._image(self.file_index(k))
+        first, n = self.file_index(k), len(self.files)
+        for offset in range(n):
+            im = self._usable((first + offset) % n)
+            if im is not None:
+                break
+        else:
+            raise RuntimeError(f"none of the {n} training images can be decoded")
         short = min(im.size)
         hi = max(self.crop, min(short, int(self.crop * self.max_zoom)))
         target = int(rng.integers(self.crop, hi + 1))
@@ -113,9 +170,13 @@ class StreamSampler(Sampler):
         return 1 << 62
 
 
-def center_crops(files, size: int) -> torch.Tensor:
-    """Deterministic validation batch: short side resized to `size`, centre crop. (N, 3, size, size)."""
+def center_crops(files, size: int) -> torch.Tensor | None:
+    """Deterministic validation batch: short side resized to `size`, centre crop. (N, 3, size, size);
+    files that fail to decode are named on stderr and left out (None when none is left)."""
     out = []
     for path in files:
-        out.append(to_signed_tensor(resize_center_crop(load_rgb(path), size)))
-    return torch.stack(out)
+        try:
+            out.append(to_signed_tensor(resize_center_crop(load_rgb(path), size)))
+        except (ImageError, OSError) as exc:
+            warn_skip(path, str(exc))
+    return torch.stack(out) if out else None

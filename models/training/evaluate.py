@@ -7,7 +7,6 @@ figures were made); without it, full images are padded to a multiple of 8 and cr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,10 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.options import Parser, fail, int_range, positive_int
 from models.vae import imaging
 from models.vae.imaging import resize_center_crop
-from models.training.data import list_images
+from models.training.data import MAX_TRAIN_PIXELS, list_images
 from models.metrics import mean_psnr, psnr, ssim
+
+PROG = "vae eval"
+# --size beyond this makes images past the service's own pixel limit (imaging.DEFAULT_MAX_PIXELS).
+MAX_SIZE = 4096
+
+
+class NoImagesError(ValueError):
+    """None of the files given to `evaluate` could be decoded."""
 
 
 @torch.inference_mode()
@@ -41,7 +49,9 @@ def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
 
 
 def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=None, progress: bool = True) -> dict:
-    """Mean PSNR / SSIM (and LPIPS when given) of posterior-mean reconstructions, latent statistics, speed."""
+    """Mean PSNR / SSIM (and LPIPS when given) of posterior-mean reconstructions, latent statistics, speed.
+
+    A file that cannot be decoded is named on stderr, left out and counted in `skipped`."""
     from tqdm.auto import tqdm
 
     psnrs, ssims, lpips_values, offsets = [], [], [], []
@@ -69,8 +79,15 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         bar.set_postfix(psnr=f"{mean_psnr(psnrs):.2f}", ssim=f"{np.mean(ssims):.4f}")
         batch.clear()
 
+    skipped = 0
     for path in files:
-        img = imaging.open_image(path, max_pixels=1 << 30)
+        try:
+            img = imaging.open_image(path, max_pixels=MAX_TRAIN_PIXELS)
+        except (imaging.ImageError, OSError) as exc:
+            print(f"{PROG}: warning: skipping {path}: {exc}", file=sys.stderr, flush=True)
+            skipped += 1
+            bar.update(1)
+            continue
         if size:
             img = resize_center_crop(img, size)
         if batch and (not size or img.size != batch[0].size or len(batch) == batch_size):
@@ -81,6 +98,8 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     if batch:
         flush()
     bar.close()
+    if not psnrs:
+        raise NoImagesError(f"none of the {len(files)} images can be decoded")
     mean = z_sum / z_count
     std = math.sqrt(max(0.0, z_sq / z_count - mean**2))
     result = {
@@ -97,6 +116,8 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         "colour_offset_max": round(float(np.abs(offsets).max()), 3),
         "images_per_s": round(len(psnrs) / model_seconds, 3),
     }
+    if skipped:
+        result["skipped"] = skipped
     if lpips_values:
         result["lpips"] = round(float(np.mean(lpips_values)), 4)
     return result
@@ -112,12 +133,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vae eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="diffusers folder or single-file checkpoint")
     p.add_argument("--data", required=True, action="append", help="image folder (repeatable)")
-    p.add_argument("--size", type=int, help="resize short side to SIZE and centre-crop (e.g. 256)")
-    p.add_argument("--limit", type=int, help="only the first N images (sorted)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", type=int_range(1, MAX_SIZE),
+                   help=f"resize short side to SIZE (at most {MAX_SIZE}) and centre-crop (e.g. 256)")
+    p.add_argument("--limit", type=positive_int, help="only the first N images (sorted)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--lpips-weights", help="local LPIPS-VGG weights file (enables LPIPS)")
@@ -129,20 +151,27 @@ def main(argv=None) -> int:
     try:
         vae = load_weights(args.model, dtype=args.dtype, device=args.device).vae
     except ModelLoadError as exc:
-        print(f"vae eval: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(exc))
     lpips = None
     if args.lpips_weights:
         from models.training.perceptual import LPIPS
 
-        lpips = LPIPS.from_file(args.lpips_weights).eval()
+        try:
+            lpips = LPIPS.from_file(args.lpips_weights).eval()
+        except Exception as exc:  # OSError, safetensors / unpickling errors, missing keys
+            return fail(PROG, f"--lpips-weights {args.lpips_weights}: {type(exc).__name__}: {exc}")
     rows = []
     for folder in args.data:
-        files = list_images([folder])[: args.limit]
+        try:
+            files = list_images([folder])[: args.limit]
+        except FileNotFoundError as exc:
+            return fail(PROG, str(exc))
         if not files:
-            print(f"vae eval: no images in {folder}", file=sys.stderr)
-            return 2
-        result = evaluate(vae, files, args.size, args.batch_size, lpips)
+            return fail(PROG, f"no images in {folder}")
+        try:
+            result = evaluate(vae, files, args.size, args.batch_size, lpips)
+        except NoImagesError as exc:
+            return fail(PROG, f"{folder}: {exc}")
         rows.append({"model": args.model, "data": folder, "size": args.size or "full", "dtype": args.dtype, **result})
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     print(markdown_table(rows))

@@ -23,15 +23,21 @@ from pathlib import Path
 
 import torch
 
+from models.options import (Parser, fail, float_range, int_range, multiple_of, nonnegative_float, nonnegative_int,
+                            positive_float, positive_int)
 from models.training import data as data_mod
-from models.training.checkpoint import CHECKPOINT, atomic_save, rng_state, set_rng_state
+from models.training.checkpoint import (CHECKPOINT, RESUMABLE, atomic_save, load_checkpoint, recipe_conflicts, restore,
+                                       rng_state, set_rng_state)
 from models.training.monitor import evaluate, measure_latent_factors, plot_curves, save_grid
 from models.training import losses
 from models.training.presets import PRESETS, preset_config
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vae train", description=__doc__.split("\n\n")[0])
+PROG = "vae train"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("data", nargs="+", help="folders (recursive) or files of JPEG / PNG / WebP images")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final model)")
     arch = p.add_mutually_exclusive_group()
@@ -40,51 +46,71 @@ def parse_args(argv):
     arch.add_argument("--init", help="fine-tune from these weights (diffusers folder or single file)")
     p.add_argument("--decoder-only", action="store_true", help="freeze the encoder (as sd-vae-ft-MSE)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=20000, help="optimiser steps in total")
-    p.add_argument("--batch-size", type=int, default=8, help="per process, per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--max-zoom", type=float, default=2.0, help="short side resized to [crop, crop*max_zoom]")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr*ratio")
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (the EMA is what gets saved)")
-    p.add_argument("--l1", type=float, default=1.0, help="L1 reconstruction weight")
-    p.add_argument("--mse", type=float, default=1.0, help="MSE reconstruction weight")
-    p.add_argument("--kl-weight", type=float, default=1e-6, help="LDM-equivalent KL weight (see losses.py)")
-    p.add_argument("--disc-start", type=int, default=-1, help="step at which the PatchGAN starts (-1: off)")
-    p.add_argument("--disc-weight", type=float, default=0.5)
+    p.add_argument("--steps", type=positive_int, default=20000, help="optimiser steps in total")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="per process, per micro-step")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--crop", type=multiple_of(8, 8), default=256, help="crop side, a multiple of 8 (default 256)")
+    p.add_argument("--max-zoom", type=float_range(1.0), default=2.0, help="short side resized to [crop, crop*max_zoom]")
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--min-lr-ratio", type=float_range(0.0, 1.0), default=0.1, help="cosine decays to lr*ratio")
+    p.add_argument("--warmup", type=nonnegative_int, default=500)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    p.add_argument("--clip", type=nonnegative_float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--ema", type=float_range(0.0, 1.0, high_open=True), default=0.999,
+                   help="EMA decay in [0, 1) (the EMA is what gets saved)")
+    p.add_argument("--l1", type=nonnegative_float, default=1.0, help="L1 reconstruction weight")
+    p.add_argument("--mse", type=nonnegative_float, default=1.0, help="MSE reconstruction weight")
+    p.add_argument("--kl-weight", type=nonnegative_float, default=1e-6, help="LDM-equivalent KL weight (see losses.py)")
+    p.add_argument("--disc-start", type=int_range(-1), default=-1, help="step at which the PatchGAN starts (-1: off)")
+    p.add_argument("--disc-weight", type=nonnegative_float, default=0.5)
     p.add_argument("--lpips-weights", help="local LPIPS-VGG weights (safetensors); enables a perceptual loss")
-    p.add_argument("--lpips-weight", type=float, default=0.1)
+    p.add_argument("--lpips-weight", type=nonnegative_float, default=0.1)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto: bf16 on CPU and on GPUs that support it")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
-    p.add_argument("--val-images", type=int, default=8, help="held-out images (last in sorted order)")
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
-    p.add_argument("--max-cpu-minutes", type=float, default=0,
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader workers decoding images")
+    p.add_argument("--val-images", type=nonnegative_int, default=8, help="held-out images (last in sorted order)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=250)
+    p.add_argument("--eval-every", type=positive_int, default=1000)
+    p.add_argument("--log-every", type=positive_int, default=25)
+    p.add_argument("--max-minutes", type=nonnegative_float, default=0, help="stop (after a checkpoint) after this long")
+    p.add_argument("--max-cpu-minutes", type=nonnegative_float, default=0,
                    help="stop (after a checkpoint) after this much CPU time of this process: an equal budget "
                         "for runs that share a busy machine (wall-clock time depends on the neighbours)")
-    p.add_argument("--stop-at", type=int, default=0, help="stop (after a checkpoint) at this step; resume later")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    return p.parse_args(argv)
+    p.add_argument("--stop-at", type=nonnegative_int, default=0, help="stop (after a checkpoint) at this step; resume later")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch default)")
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+def given_options(argv) -> dict:
+    """The options the command line names explicitly (defaults left out)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
 
 
 # --------------------------------------------------------------------------- model
 def build_model(args):
+    """The model the options name; ValueError naming the file and the reason when it cannot be built."""
     from diffusers import AutoencoderKL
 
     if args.init:
-        from models.vae.loading import load_weights  # a diffusers folder or an LDM single file
+        from models.vae.loading import ModelLoadError, load_weights  # a diffusers folder or an LDM single file
 
-        return load_weights(args.init).vae.requires_grad_(True)
+        try:
+            return load_weights(args.init).vae.requires_grad_(True)
+        except ModelLoadError as exc:
+            raise ValueError(f"--init: {exc}") from None
     if args.config:
-        return AutoencoderKL.from_config(json.loads(Path(args.config).read_text()))
+        try:
+            return AutoencoderKL.from_config(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"--config {args.config}: {type(exc).__name__}: {exc}") from None
     return AutoencoderKL(**preset_config(args.preset))
 
 
@@ -99,7 +125,8 @@ def lr_lambda(args):
 
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -110,36 +137,58 @@ def main(argv=None) -> int:
     ckpt_path = out / CHECKPOINT
     if args.resume:
         if not ckpt_path.exists():
-            print(f"vae train: --resume but no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            return fail(PROG, f"--resume but no checkpoint at {ckpt_path}")
+        try:
+            state = load_checkpoint(ckpt_path)
+        except ValueError as exc:
+            return fail(PROG, f"{exc}; move it away to start over, or restore a copy")
         saved = state["args"]
+        conflicts = recipe_conflicts(given_options(argv), saved, vars(args))
+        if conflicts:
+            return fail(PROG, f"--resume continues the recipe saved in {ckpt_path}; these options differ from it: "
+                              f"{'; '.join(conflicts)}. Drop them, or train into another --out")
         # The run's recipe comes from the checkpoint; only length/logging may change on resume.
-        keep = {"steps", "max_minutes", "max_cpu_minutes", "stop_at", "workers", "checkpoint_every", "eval_every", "log_every", "threads"}
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in keep}, "resume": True})
+        args = argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RESUMABLE},
+                                     "resume": True})
     else:
         if ckpt_path.exists():
-            print(f"vae train: {ckpt_path} exists; pass --resume to continue it or choose another --out",
-                  file=sys.stderr)
-            return 2
+            return fail(PROG, f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
         state = None
+
+    try:
+        files = data_mod.list_images(args.data)
+    except FileNotFoundError as exc:
+        return fail(PROG, str(exc))
+    files, unusable = data_mod.usable_images(files)
 
     mp = args.mixed_precision
     if mp == "auto":
         mp = "bf16" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "fp16"
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=args.grad_accum, cpu=False)
     device, main_proc = accelerator.device, accelerator.is_main_process
+    for path, reason in unusable if main_proc else []:
+        data_mod.warn_skip(path, reason)
+    if len(files) <= args.val_images:
+        where = " ".join(map(str, args.data))
+        return fail(PROG, f"{len(files)} usable images in {where} ({len(unusable)} skipped): need more than "
+                          f"--val-images {args.val_images}, at least one to train on")
     torch.manual_seed(args.seed + accelerator.process_index)
     random.seed(args.seed)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
 
-    files = data_mod.list_images(args.data)
     val_files, train_files = files[-args.val_images:] if args.val_images else [], files[: len(files) - args.val_images]
     dataset = data_mod.RandomCrops(train_files, crop=args.crop, max_zoom=args.max_zoom, seed=args.seed)
-    val_batch = data_mod.center_crops(val_files, min(args.crop, 256)).to(device) if val_files else None
+    val_batch = data_mod.center_crops(val_files, min(args.crop, 256)) if val_files else None
+    val_batch = val_batch.to(device) if val_batch is not None else None
 
-    vae = build_model(args)
+    try:
+        vae = build_model(args)
+    except ValueError as exc:
+        return fail(PROG, str(exc))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.crop % factor:
+        return fail(PROG, f"--crop {args.crop} must be a multiple of the model's downsampling factor {factor}")
     if args.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -157,18 +206,17 @@ def main(argv=None) -> int:
     if args.lpips_weights:
         from models.training.perceptual import LPIPS
 
-        perceptual = LPIPS.from_file(args.lpips_weights).to(device).eval().requires_grad_(False)
+        try:
+            perceptual = LPIPS.from_file(args.lpips_weights).to(device).eval().requires_grad_(False)
+        except Exception as exc:  # OSError, safetensors / unpickling errors, missing keys
+            return fail(PROG, f"--lpips-weights {args.lpips_weights}: {type(exc).__name__}: {exc}")
 
     step = 0
     if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        ema.load_state_dict(state["ema"])
-        if use_gan:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-            sched_d.load_state_dict(state["sched_d"])
+        try:
+            restore(state, vae, opt, sched, ema, (disc, opt_d, sched_d) if use_gan else None)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            return fail(PROG, f"{ckpt_path} does not fit this run's model: {type(exc).__name__}: {exc}")
         step = state["step"]
         set_rng_state(state["rng"])
     vae, opt, sched = accelerator.prepare(vae, opt, sched)

@@ -8,12 +8,15 @@ FlopCounterMode counts a multiply-add as 2 FLOPs and covers matmuls / convolutio
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from models.options import Parser, fail, int_range
+
+MAX_SIZE = 1 << 16  # FLOPs are counted on the meta device: a large side costs no memory, only sense
 
 
 def count_flops(vae, size: int | tuple[int, int] = 512) -> dict[str, int]:
@@ -49,17 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     from models.vae.inference import VAEModel
     from models.vae.loading import ModelLoadError
 
-    parser = argparse.ArgumentParser(prog="vae info", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vae info", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="diffusers folder, single-file checkpoint or hub id")
     parser.add_argument("--config", help="config folder for a single-file checkpoint (default: bundled SD kl-f8)")
-    parser.add_argument("--size", type=int, default=512, help="square image side for FLOPs (default 512)")
+    parser.add_argument("--size", type=int_range(1, MAX_SIZE), default=512,
+                        help="square image side for FLOPs (default 512)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     try:
         model = VAEModel.load("info", args.path, config=args.config)
     except ModelLoadError as exc:
-        print(f"vae info: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("vae info", str(exc))
     info = model_info(model, args.size)
     if args.json:
         print(json.dumps(info, indent=2))

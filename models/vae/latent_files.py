@@ -190,13 +190,52 @@ def latent_path(out: str | Path, source: str) -> Path:
 # --- WebDataset shards --------------------------------------------------------------------------
 
 def sample_key(source: str) -> str:
-    """WebDataset key of a source path: no dots (WebDataset splits a member name at the first dot)."""
-    return source.replace(".", "_")
+    """WebDataset key of a source path: no dots (WebDataset splits a member name at the first dot).
+
+    `.` becomes `_`; `_` and `~` are escaped as `~_` and `~~`, so two paths never share a key
+    (`a.b.png` -> `a_b_png`, `a_b.png` -> `a~_b_png`) and paths without `_` or `~` keep the key
+    earlier versions gave them.
+    """
+    return "".join(_KEY_ESCAPES.get(c, c) for c in source)
+
+
+_KEY_ESCAPES = {"~": "~~", "_": "~_", ".": "_"}
+
+
+def check_source(source: str) -> str:
+    """`source` if it can name a file in metadata and on disk (valid UTF-8, no NUL); else ValueError."""
+    if "\x00" in source:
+        raise ValueError(f"path {_short(source)} holds a NUL byte")
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ValueError(f"file name {shown!r} is not valid UTF-8 (latent metadata is UTF-8): rename the file") from None
+    return source
 
 
 def shard_members(path: str | Path) -> list[str]:
     with tarfile.open(path, "r") as tar:
         return [m.name for m in tar.getmembers() if m.isfile()]
+
+
+def shard_sources(path: str | Path) -> set[str]:
+    """The `source` metadata of the readable latent files in a shard (reads only their headers)."""
+    sources = set()
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.endswith(SUFFIX)):
+                continue
+            f = tar.extractfile(member)
+            head = f.read(8)
+            try:
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                meta = header_metadata(head + f.read(min(n, 100_000_000)))
+            except LatentFormatError:
+                continue  # damaged member: not done
+            if isinstance(meta.get("source"), str):
+                sources.add(meta["source"])
+    return sources
 
 
 def iter_shard(path: str | Path):
@@ -228,12 +267,21 @@ class ShardWriter:
         self.bytes_written = 0
 
     def done_keys(self) -> set[str]:
-        """Keys already in finished shards (what a resumed run skips)."""
+        """Keys already in finished shards."""
         keys = set()
         for p in sorted(self.out.iterdir()):
             if SHARD_PATTERN.match(p.name):
                 keys.update(name[: -len(SUFFIX)] for name in shard_members(p) if name.endswith(SUFFIX))
         return keys
+
+    def done_sources(self) -> set[str]:
+        """Source paths already in finished shards (what a resumed run skips): by the metadata, not the
+        key, so shards from versions whose keys could collide are read right."""
+        sources: set[str] = set()
+        for p in sorted(self.out.iterdir()):
+            if SHARD_PATTERN.match(p.name):
+                sources |= shard_sources(p)
+        return sources
 
     def _final_path(self) -> Path:
         return self.out / f"shard-{self.next_index:06d}.tar"

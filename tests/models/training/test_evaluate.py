@@ -71,3 +71,26 @@ def test_vae_eval_reports_lpips_with_local_weights(tiny_vae_dir, photos_dir, tmp
     assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--size", "64", "--limit", "2",
                       "--lpips-weights", str(tmp_path / "lpips.pth"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())[0]["lpips"] > 0
+
+
+def test_vae_eval_skips_and_names_a_bad_image(tiny_vae_dir, photos_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "astronaut.png").write_bytes((photos_dir / "astronaut.png").read_bytes())
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short" * 3)
+    out = tmp_path / "eval.json"
+    assert eval_main([str(tiny_vae_dir), "--data", str(data), "--size", "64", "--out", str(out)]) == 0
+    assert f"skipping {data / 'broken.png'}" in capsys.readouterr().err
+    row = json.loads(out.read_text())[0]
+    assert row["images"] == 1 and row["skipped"] == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "only-bad"])
+def test_vae_eval_unusable_data_is_one_line(case, tiny_vae_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    if case == "only-bad":
+        data.mkdir()
+        (data / "x.jpg").write_text("text")
+    assert eval_main([str(tiny_vae_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("vae eval: error:") and str(data) in err[-1]

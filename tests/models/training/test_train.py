@@ -185,3 +185,91 @@ def test_presets_are_kl_f8_and_small_fits_a_quarter_of_sd_decoder_flops():
         assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x down
         flops[name] = count_flops(vae, 256)["decode"]
     assert flops["small"] <= 0.25 * flops["sd"] and flops["tiny"] < flops["compact"] < flops["small"]
+
+
+# --- bad data, bad checkpoints, resume with other options --------------------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming width x height, and nothing after: a bomb header."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
+@pytest.fixture()
+def messy_folder(image_folder, tmp_path) -> Path:
+    """The good images plus what a real photo folder collects: text named .jpg, an empty file, a bomb
+    header and a PNG cut short after a good header (only decoding finds that one)."""
+    folder = tmp_path / "messy"
+    import shutil
+
+    shutil.copytree(image_folder, folder)
+    (folder / "notes.jpg").write_text("not a photo")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "bomb.png").write_bytes(_png_header(60000, 60000))
+    data = (image_folder / "img0.jpg").read_bytes()
+    (folder / "a-cut.jpg").write_bytes(data[: len(data) // 3])
+    return folder
+
+
+def test_bad_images_are_named_and_skipped_and_resume_gets_past_them(messy_folder, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(messy_folder, out, tiny_config, "--steps", "4", "--eval-every", "100")
+    assert train.main([*args, "--stop-at", "2"]) == 0
+    err = capsys.readouterr().err
+    for name in ("notes.jpg", "empty.png", "bomb.png", "a-cut.jpg"):
+        assert f"skipping {messy_folder / name}" in err, name
+    assert "Traceback" not in err
+    assert train.main([*args, "--resume"]) == 0  # the same data order: the same bad files, skipped again
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_a_file_that_fails_to_decode_is_replaced_deterministically(messy_folder, capsys):
+    files = [f for f in list_images([messy_folder]) if f.name not in ("notes.jpg", "empty.png", "bomb.png")]
+    a, b = RandomCrops(files, crop=32, seed=1), RandomCrops(files, crop=32, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in range(2 * len(files)))
+    assert capsys.readouterr().err.count("a-cut.jpg") == 2  # once per dataset object (per worker)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "all-bad", "too-few"])
+def test_unusable_data_is_one_line(case, tiny_config, tmp_path, capsys):
+    data = tmp_path / "data"
+    if case != "missing":
+        data.mkdir()
+    if case == "all-bad":
+        (data / "a.jpg").write_text("text")
+    if case == "too-few":
+        Image.new("RGB", (40, 40)).save(data / "one.png")
+    assert train.main(_args(data, tmp_path / "out", tiny_config, "--steps", "2")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("vae train: error:") and str(data) in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04 truncated zip", None])
+def test_a_corrupt_checkpoint_under_resume_is_one_line(content, image_folder, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content is None:
+        torch.save({"step": 3}, out / "checkpoint.pt")  # readable, but not a training checkpoint
+    else:
+        (out / "checkpoint.pt").write_bytes(content)
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "checkpoint.pt") in err and "Traceback" not in err, err
+
+
+def test_resume_refuses_recipe_options_that_differ_from_the_checkpoint(image_folder, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "1")) == 0
+    capsys.readouterr()
+    resume = [str(image_folder), "--out", str(out), "--resume", "--workers", "0", "--threads", "1"]
+    assert train.main([*resume, "--steps", "2", "--preset", "small", "--crop", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--preset small (checkpoint: tiny)" in err and "--crop 128 (checkpoint: 32)" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    # The same recipe values, or none, and a new length: accepted.
+    assert train.main([*resume, "--steps", "2", "--crop", "32", "--config", str(tiny_config)]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2

@@ -40,6 +40,61 @@ def make_tiny_vae(seed: int = 0, **overrides):
     return vae.eval()
 
 
+# The families (docs/families.md): each one's published config (models/vae/configs/), made small
+# where the architecture allows: narrower and shallower blocks, everything else as published
+# (class, 4 stages = 8x, latent channels, GroupNorm groups, quant convs, factors, force_upcast,
+# latents_mean / latents_std).
+CONFIGS = ROOT / "models" / "vae" / "configs"
+FAMILIES = {  # test name -> config folder
+    "sd1": "sd-kl-f8", "sdxl": "sdxl", "playground": "playground-v2.5", "sd3": "sd3", "flux": "flux",
+    "taesd": "taesd", "taef1": "taef1",
+}
+SMALL = {
+    "AutoencoderKL": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
+    "AutoencoderTiny": dict(encoder_block_out_channels=[16] * 4, decoder_block_out_channels=[16] * 4),
+}
+
+
+def family_config(family: str) -> dict:
+    """A family's published config (without `_class_name`), made small; the class name beside it."""
+    config = json.loads((CONFIGS / FAMILIES[family] / "config.json").read_text())
+    cls = config.pop("_class_name")
+    return {**config, **SMALL[cls]}, cls
+
+
+def make_family_vae(family: str, seed: int = 0):
+    """A random-weight diffusers model of `family` (AutoencoderKL or AutoencoderTiny), eval mode."""
+    import diffusers
+
+    config, cls = family_config(family)
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**config).eval()
+
+
+def flux_pipeline_function(name: str):
+    """diffusers' own `FluxPipeline.<name>` (`_pack_latents`, `_unpack_latents`: static methods).
+    Importing the pipeline needs `transformers`; without it the function is compiled from the
+    pipeline's source file in the installed diffusers, unchanged."""
+    import ast
+
+    import diffusers
+
+    try:
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        return getattr(FluxPipeline, name)
+    except ImportError:
+        pass
+    path = Path(diffusers.__file__).parent / "pipelines" / "flux" / "pipeline_flux.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FluxPipeline")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    fn.decorator_list = []  # @staticmethod
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
 def gradient_image(width: int = 40, height: int = 32, seed: int = 0) -> Image.Image:
     """A smooth RGB test image with some noise (deterministic)."""
     rng = np.random.default_rng(seed)

@@ -71,6 +71,42 @@ def make_family_vae(family: str, seed: int = 0):
     return getattr(diffusers, cls)(**config).eval()
 
 
+def family_reference(path: Path):
+    """In-process diffusers for a family folder: the class its config names, float32, eager."""
+    import diffusers
+
+    cls = json.loads((Path(path) / "config.json").read_text())["_class_name"]
+    return getattr(diffusers, cls).from_pretrained(str(path), local_files_only=True).eval()
+
+
+def _stats(config, z):
+    mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1).to(z.device, z.dtype)
+    std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1).to(z.device, z.dtype)
+    return mean, std
+
+
+def pipeline_scale(config, z):
+    """diffusers' pipelines on encoder latents (the img2img paths), line for line: SDXL with
+    latents_mean / latents_std `(z - mean) * scale / std`; SD3 / FLUX `(z - shift) * scale`; SD `z * scale`."""
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean, std = _stats(config, z)
+        return (z - mean) * config["scaling_factor"] / std
+    if config.get("shift_factor") is not None:
+        return (z - config["shift_factor"]) * config["scaling_factor"]
+    return z * config["scaling_factor"]
+
+
+def pipeline_unscale(config, z):
+    """diffusers' pipelines before vae.decode, line for line (StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline / FluxPipeline, StableDiffusionPipeline)."""
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean, std = _stats(config, z)
+        return z * std / config["scaling_factor"] + mean
+    if config.get("shift_factor") is not None:
+        return (z / config["scaling_factor"]) + config["shift_factor"]
+    return z / config["scaling_factor"]
+
+
 def flux_pipeline_function(name: str):
     """diffusers' own `FluxPipeline.<name>` (`_pack_latents`, `_unpack_latents`: static methods).
     Importing the pipeline needs `transformers`; without it the function is compiled from the

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
 
 from models.vae import imaging, latent_ops, latents
 from models.vae.inference import VAEModel, diffusers_latents
 from models.vae.info import count_flops
 from models.vae.loading import ModelLoadError, load_weights
-from support import FAMILIES, family_config, flux_pipeline_function, gradient_image
+from support import (FAMILIES, family_config, family_reference, flux_pipeline_function, gradient_image,
+                     pipeline_scale, pipeline_unscale)
 
 EXPECTED = {  # family -> (class, latent channels, scaling_factor, shift_factor)
     "sd1": ("AutoencoderKL", 4, 0.18215, None),
@@ -27,34 +27,8 @@ EXPECTED = {  # family -> (class, latent channels, scaling_factor, shift_factor)
 }
 
 
-def reference(path):
-    """In-process diffusers: the class of the folder's config, float32, eager."""
-    cls = AutoencoderTiny if json.loads((path / "config.json").read_text())["_class_name"] == "AutoencoderTiny" else AutoencoderKL
-    return cls.from_pretrained(str(path), local_files_only=True).eval()
 
 
-def pipeline_scale(config, z):
-    """What diffusers' pipelines do to encoder latents before the denoiser (img2img paths):
-    SDXL with latents_mean/std: (z - mean) * scale / std; SD3 / FLUX: (z - shift) * scale; else z * scale."""
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1).to(z.device, z.dtype)
-        std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1).to(z.device, z.dtype)
-        return (z - mean) * config["scaling_factor"] / std
-    if config.get("shift_factor") is not None:
-        return (z - config["shift_factor"]) * config["scaling_factor"]
-    return z * config["scaling_factor"]
-
-
-def pipeline_unscale(config, z):
-    """What diffusers' pipelines do to denoised latents before vae.decode (StableDiffusionXLPipeline,
-    StableDiffusion3Pipeline, FluxPipeline, StableDiffusionPipeline)."""
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1).to(z.device, z.dtype)
-        std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1).to(z.device, z.dtype)
-        return z * std / config["scaling_factor"] + mean
-    if config.get("shift_factor") is not None:
-        return (z / config["scaling_factor"]) + config["shift_factor"]
-    return z / config["scaling_factor"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +55,7 @@ def test_loads_with_the_config_factors(family, family_dirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encode_decode_equal_in_process_diffusers(family, family_dirs, image_tensor):
-    model, ref = VAEModel.load(family, family_dirs[family]), reference(family_dirs[family])
+    model, ref = VAEModel.load(family, family_dirs[family]), family_reference(family_dirs[family])
     with torch.no_grad():
         z_ref = diffusers_latents(ref, image_tensor)
         x_ref = ref.decode(z_ref).sample
@@ -141,7 +115,7 @@ def test_force_upcast_runs_half_precision_requests_in_float32(family_dirs, image
     loaded = load_weights(family_dirs["sdxl"])
     model = VAEModel("sdxl", loaded, requested_dtype=torch.float16)
     assert model.upcast and model.dtype == torch.float32 and model.describe()["requested_dtype"] == "float16"
-    ref = reference(family_dirs["sdxl"])
+    ref = family_reference(family_dirs["sdxl"])
     with torch.no_grad():
         assert torch.equal(model.encode(image_tensor), diffusers_latents(ref, image_tensor))
 
@@ -150,7 +124,7 @@ def test_force_upcast_runs_half_precision_requests_in_float32(family_dirs, image
 def test_force_upcast_on_cuda(family_dirs, image_tensor):
     sdxl = VAEModel.load("sdxl", family_dirs["sdxl"], device="cuda", dtype="float16")
     assert sdxl.upcast and sdxl.dtype == torch.float32 and sdxl.describe()["dtype"] == "float32"
-    ref = reference(family_dirs["sdxl"]).to("cuda")
+    ref = family_reference(family_dirs["sdxl"]).to("cuda")
     with torch.no_grad():
         z_ref = diffusers_latents(ref, image_tensor.cuda()).cpu()
     torch.testing.assert_close(sdxl.encode(image_tensor), z_ref)

@@ -4,6 +4,9 @@
 `RemoteAutoencoderKL(url, model=...)`: duck-types a diffusers `AutoencoderKL` so a pipeline can hold it
 as its `vae`: `config.scaling_factor`, `encode(x).latent_dist.sample()/.mode()`, `decode(z).sample`,
 `decode(z, return_dict=False)`, `dtype`, `device`. Latents are raw (unscaled), as in diffusers.
+For an AutoencoderTiny on the server it duck-types that class instead: `encode(x).latents`.
+Every family works the same (docs/families.md): 4 or 16 latent channels, packed FLUX latents
+(`decode_tensor(z, height=, width=)`), the model's own factors with `do_scaling=True`.
 """
 
 from __future__ import annotations
@@ -97,9 +100,13 @@ class VAEClient:
         shift_factor: float | None = None,
         sample: bool = False,
         seed: int | None = None,
+        do_scaling: bool = False,
     ) -> torch.Tensor:
-        """Image(s), image file bytes/path or a float (N, 3, H, W) tensor in [-1, 1] -> latents (N, C, h, w)."""
+        """Image(s), image file bytes/path or a float (N, 3, H, W) tensor in [-1, 1] -> latents (N, C, h, w).
+        `do_scaling` (without factors): scaled with the model's own factors (and latents_mean / std)."""
         params: dict = {"sample": str(sample).lower()}
+        if do_scaling:
+            params["do_scaling"] = "true"
         if scaling_factor is not None:
             params["scaling_factor"] = scaling_factor
         if shift_factor is not None:
@@ -108,7 +115,7 @@ class VAEClient:
             params["seed"] = seed
         if isinstance(images, list):
             return torch.cat([self.encode(img, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                                          sample=sample, seed=seed) for img in images])
+                                          sample=sample, seed=seed, do_scaling=do_scaling) for img in images])
         if isinstance(images, torch.Tensor):
             x = images.detach().cpu().float().contiguous()
             params.update(shape=list(x.shape), dtype="float32")
@@ -124,9 +131,14 @@ class VAEClient:
         scaling_factor: float | None = None,
         shift_factor: float | None = None,
         postprocess: bool = False,
+        do_scaling: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ) -> torch.Tensor:
         """Raw (or scaled, with the factors given) latents -> float (N, 3, H, W) in [-1, 1], or
-        uint8 (N, H, W, 3) when `postprocess`."""
+        uint8 (N, H, W, 3) when `postprocess`. `do_scaling` (without factors): the latents are scaled
+        with the model's own factors. Packed FLUX latents (N, (H/16)*(W/16), 64) need the image's
+        `height` and `width`; for (N, C, h, w) latents they crop the output."""
         z = latents.detach().cpu().contiguous()
         if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             z = z.float()
@@ -136,6 +148,12 @@ class VAEClient:
             params["scaling_factor"] = scaling_factor
         if shift_factor is not None:
             params["shift_factor"] = shift_factor
+        if do_scaling:
+            params["do_scaling"] = "true"
+        if height is not None:
+            params["height"] = height
+        if width is not None:
+            params["width"] = width
         headers = {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
         return self._tensor(self._post("/decode", wire.tensor_to_raw(z), params, headers))
 
@@ -191,7 +209,8 @@ class RemoteLatentDist:
 
 
 class RemoteAutoencoderKL:
-    """An AutoencoderKL look-alike whose encode/decode run on a `vae serve` instance."""
+    """An AutoencoderKL (or, for a served AutoencoderTiny, an AutoencoderTiny) look-alike whose
+    encode/decode run on a `vae serve` instance."""
 
     def __init__(self, url: str, model: str | None = None, client: VAEClient | None = None):
         self.client = client or VAEClient(url, model=model)
@@ -200,6 +219,7 @@ class RemoteAutoencoderKL:
         self.config = _Config(info["config"])
         self.config.setdefault("scaling_factor", info["scaling_factor"])
         self.config.setdefault("shift_factor", info["shift_factor"])
+        self.config.setdefault("_class_name", info.get("class", "AutoencoderKL"))
         self.dtype = torch.float32  # what this client hands back; the server may compute in bf16
         self.device = torch.device("cpu")
 
@@ -207,9 +227,15 @@ class RemoteAutoencoderKL:
         return self.client.encode(x, sample=sample, seed=seed).to(device=x.device, dtype=x.dtype)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
-        """x: (N, 3, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist=RemoteLatentDist)."""
+        """x: (N, 3, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist=RemoteLatentDist), or for a
+        served AutoencoderTiny AutoencoderTinyOutput(latents=...) as that class answers."""
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
 
+        if self.config.get("_class_name") == "AutoencoderTiny":
+            from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+            z = self._encode(x, sample=False, seed=None)
+            return AutoencoderTinyOutput(latents=z) if return_dict else (z,)
         dist = RemoteLatentDist(self, x)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 

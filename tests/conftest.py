@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from app.bulk.jobs import EXIF_ORIENTATION
-from support import PHOTOS, gradient_image, make_tiny_vae
+from support import FAMILIES, PHOTOS, gradient_image, make_family_vae, make_tiny_vae
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,15 @@ def tiny_vae_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-vae")
     make_tiny_vae().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One diffusers folder per family (support.FAMILIES): random weights, the published config made small."""
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        make_family_vae(family).save_pretrained(root / family)
+    return {family: root / family for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,97 @@ def make_tiny_vae(seed: int = 0, **overrides):
     return vae.eval()
 
 
+# The families (docs/families.md): each one's published config (models/vae/configs/), made small
+# where the architecture allows: narrower and shallower blocks, everything else as published
+# (class, 4 stages = 8x, latent channels, GroupNorm groups, quant convs, factors, force_upcast,
+# latents_mean / latents_std).
+CONFIGS = ROOT / "models" / "vae" / "configs"
+FAMILIES = {  # test name -> config folder
+    "sd1": "sd-kl-f8", "sdxl": "sdxl", "playground": "playground-v2.5", "sd3": "sd3", "flux": "flux",
+    "taesd": "taesd", "taef1": "taef1",
+}
+SMALL = {
+    "AutoencoderKL": dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
+    "AutoencoderTiny": dict(encoder_block_out_channels=[16] * 4, decoder_block_out_channels=[16] * 4),
+}
+
+
+def family_config(family: str) -> dict:
+    """A family's published config (without `_class_name`), made small; the class name beside it."""
+    config = json.loads((CONFIGS / FAMILIES[family] / "config.json").read_text())
+    cls = config.pop("_class_name")
+    return {**config, **SMALL[cls]}, cls
+
+
+def make_family_vae(family: str, seed: int = 0):
+    """A random-weight diffusers model of `family` (AutoencoderKL or AutoencoderTiny), eval mode."""
+    import diffusers
+
+    config, cls = family_config(family)
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**config).eval()
+
+
+def family_reference(path: Path):
+    """In-process diffusers for a family folder: the class its config names, float32, eager."""
+    import diffusers
+
+    cls = json.loads((Path(path) / "config.json").read_text())["_class_name"]
+    return getattr(diffusers, cls).from_pretrained(str(path), local_files_only=True).eval()
+
+
+def _stats(config, z):
+    mean = torch.tensor(config["latents_mean"]).view(1, -1, 1, 1).to(z.device, z.dtype)
+    std = torch.tensor(config["latents_std"]).view(1, -1, 1, 1).to(z.device, z.dtype)
+    return mean, std
+
+
+def pipeline_scale(config, z):
+    """diffusers' pipelines on encoder latents (the img2img paths), line for line: SDXL with
+    latents_mean / latents_std `(z - mean) * scale / std`; SD3 / FLUX `(z - shift) * scale`; SD `z * scale`."""
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean, std = _stats(config, z)
+        return (z - mean) * config["scaling_factor"] / std
+    if config.get("shift_factor") is not None:
+        return (z - config["shift_factor"]) * config["scaling_factor"]
+    return z * config["scaling_factor"]
+
+
+def pipeline_unscale(config, z):
+    """diffusers' pipelines before vae.decode, line for line (StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline / FluxPipeline, StableDiffusionPipeline)."""
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean, std = _stats(config, z)
+        return z * std / config["scaling_factor"] + mean
+    if config.get("shift_factor") is not None:
+        return (z / config["scaling_factor"]) + config["shift_factor"]
+    return z / config["scaling_factor"]
+
+
+def flux_pipeline_function(name: str):
+    """diffusers' own `FluxPipeline.<name>` (`_pack_latents`, `_unpack_latents`: static methods).
+    Importing the pipeline needs `transformers`; without it the function is compiled from the
+    pipeline's source file in the installed diffusers, unchanged."""
+    import ast
+
+    import diffusers
+
+    try:
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+        return getattr(FluxPipeline, name)
+    except ImportError:
+        pass
+    path = Path(diffusers.__file__).parent / "pipelines" / "flux" / "pipeline_flux.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FluxPipeline")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    fn.decorator_list = []  # @staticmethod
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
 def gradient_image(width: int = 40, height: int = 32, seed: int = 0) -> Image.Image:
     """A smooth RGB test image with some noise (deterministic)."""
     rng = np.random.default_rng(seed)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         registry = ModelRegistry.from_settings(settings)
-    except ModelLoadError as exc:
+    except (ModelLoadError, ValueError) as exc:  # one line, never a traceback: a bad folder or option
         print(f"vae serve: error: {exc}", file=sys.stderr)
         return 2
     from app.http.lifecycle import serve

@@ -12,6 +12,7 @@ import torch
 
 from app.protocol import wire
 from app.protocol.errors import BadRequest, PayloadTooLarge, Unprocessable
+from models.vae import latent_ops
 from models.vae.inference import VAEModel
 from models.vae.latents import LatentInfo, LatentMetadataError, dequantize_uint8
 
@@ -51,7 +52,7 @@ def latents(z: torch.Tensor, model: VAEModel, max_pixels: int, info: LatentInfo 
     """Latents as sent (N, C, h, w), float or uint8 with quantisation metadata -> float32 as sent
     (scaled or not: the caller decides), refused unless they fit the model and the pixel limit."""
     if z.ndim == 3:
-        raise Unprocessable(f"packed 3-D latents {list(z.shape)} are not supported: send (N, C, h, w)")
+        raise Unprocessable(f"packed 3-D latents {list(z.shape)} need `height` and `width`, else send (N, C, h, w)")
     if z.ndim != 4:
         raise Unprocessable(f"latents must be (N, {model.latent_channels}, h, w), got shape {list(z.shape)}")
     if z.shape[1] != model.latent_channels:
@@ -59,6 +60,8 @@ def latents(z: torch.Tensor, model: VAEModel, max_pixels: int, info: LatentInfo 
     if z.dtype == torch.uint8 and info is not None and info.quant_scale is not None:
         if len(info.quant_scale) != z.shape[1]:
             raise BadRequest(f"`quant_scale` has {len(info.quant_scale)} values for {z.shape[1]} latent channels")
+    if info is not None and info.latents_mean is not None and len(info.latents_mean) != z.shape[1]:
+        raise BadRequest(f"`latents_mean` has {len(info.latents_mean)} values for {z.shape[1]} latent channels")
         z = dequantize_uint8(z, info.quant_scale, info.quant_offset)  # still scaled if it was
     if not z.is_floating_point():
         raise Unprocessable(f"latents must be float32, float16 or bfloat16, got {wire.dtype_name(z.dtype)}")
@@ -69,6 +72,20 @@ def latents(z: torch.Tensor, model: VAEModel, max_pixels: int, info: LatentInfo 
         )
     check_finite(z, "latents")
     return z.float()
+
+
+def unpack(z: torch.Tensor, model: VAEModel, height: int | None, width: int | None) -> torch.Tensor:
+    """Packed FLUX latents (N, (H/2f)*(W/2f), 4C), as diffusers' remote_decode sends them with the
+    image's height and width -> (N, C, h, w), exactly as FluxPipeline._unpack_latents does."""
+    if height is None or width is None:
+        raise Unprocessable(f"packed 3-D latents {list(z.shape)} need `height` and `width` (the image size)")
+    c, f = model.latent_channels, model.downsample_factor
+    h, w = latent_ops.packed_latent_size(height, width, f)
+    if z.shape[2] != 4 * c or z.shape[1] != (h // 2) * (w // 2) or not h or not w:
+        raise Unprocessable(
+            f"packed latents {list(z.shape)} do not fit a {height}x{width} image: model {model.name!r} "
+            f"packs 2x2 patches of {c} channels, expected [N, {(h // 2) * (w // 2)}, {4 * c}]")
+    return latent_ops.unpack_latents(z.contiguous(), height, width, f)
 
 
 def crop_size(height: int | None, width: int | None, info: LatentInfo, z: torch.Tensor,

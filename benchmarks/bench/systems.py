@@ -15,19 +15,26 @@ import torch
 
 from benchmarks.bench.inputs import ROOT
 from benchmarks.bench.inputs import ModelSpec
+from models.vae.inference import diffusers_latents
 
 
+def load_reference(path):
+    """The in-process diffusers baseline: the class the folder's config names (AutoencoderKL or
+    AutoencoderTiny), float32, eager."""
+    from diffusers import AutoencoderKL
+
+    from models.vae.loading import model_class
+
+    return model_class(AutoencoderKL.load_config(str(path)), path).from_pretrained(str(path), local_files_only=True).eval()
 
 
 class InProcess:
-    """diffusers AutoencoderKL (baseline) or our VAEModel, called with tensors."""
+    """diffusers AutoencoderKL / AutoencoderTiny (baseline) or our VAEModel, called with tensors."""
 
     def __init__(self, mode: str, model: ModelSpec):
         self.mode = mode
         if mode == "diffusers-fp32":
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(str(model.path), local_files_only=True).eval()
+            self.vae = load_reference(model.path)
             self.ours = None
         else:
             from models.vae.inference import VAEModel
@@ -41,10 +48,10 @@ class InProcess:
         with torch.inference_mode():
             if self.ours is None:
                 if op == "encode":
-                    return self.vae.encode(x).latent_dist.mode()
+                    return diffusers_latents(self.vae, x)
                 if op == "decode":
                     return self.vae.decode(z).sample
-                return self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
+                return self.vae.decode(diffusers_latents(self.vae, x)).sample
             if op == "encode":
                 return self.ours.encode(x)
             if op == "decode":

@@ -11,7 +11,8 @@ import torch
 
 from benchmarks.bench.inputs import ModelSpec, png_bytes, photo, to_tensor
 from benchmarks.bench.machine import _timed, loadavg, reset_peak, rss_peak_mib
-from benchmarks.bench.systems import Server, make_system
+from benchmarks.bench.systems import Server, load_reference, make_system
+from models.vae.inference import diffusers_latents
 
 
 
@@ -48,21 +49,18 @@ def bench_one(system, op: str, size: int, inputs: dict, runs: int, concurrency: 
 
 
 def run_benchmarks(args, models: list[ModelSpec], peak: dict, log) -> list[dict]:
-    from diffusers import AutoencoderKL
-
     from models.vae.info import count_flops
 
     rows = []
     for model in models:
-        config_vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(model.path)))
-        ref = AutoencoderKL.from_pretrained(str(model.path), local_files_only=True).eval()
+        ref = load_reference(model.path)
         inputs = {}
         for size in args.sizes:
             array = photo(size)
             x = to_tensor(array)
             with torch.inference_mode():
-                z = ref.encode(x).latent_dist.mode().contiguous()
-            flops = count_flops(config_vae, size)
+                z = diffusers_latents(ref, x).contiguous()
+            flops = count_flops(ref, size)
             flops["roundtrip"] = flops["encode"] + flops["decode"]
             inputs[size] = {"png": png_bytes(array), "x": x, "z": z, "flops": flops}
         del ref

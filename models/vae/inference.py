@@ -1,4 +1,10 @@
-"""`VAEModel`: one loaded AutoencoderKL plus what the service needs to know about it.
+"""`VAEModel`: one loaded VAE (diffusers AutoencoderKL or AutoencoderTiny) plus what the service needs to know.
+
+Families (docs/families.md): AutoencoderKL with 4 latent channels (SD 1.x, SDXL) or 16 (SD3, FLUX),
+scaling / shift factors and optional per-channel `latents_mean` / `latents_std` from its config;
+AutoencoderTiny (TAESD): a deterministic encoder (no posterior: `sample` changes nothing) whose
+latents are already in the diffusion model's scaled space (config scale 1, shift 0). Tiling is
+AutoencoderKL's (GroupNorm statistics); an AutoencoderTiny always runs untiled.
 
 Tensors: images are float (N, 3, H, W) in [-1, 1] of any size (padded to the downsample factor for
 the model, see `encode`); latents are raw (unscaled) float (N, C, H/f, W/f). HF scaling semantics
@@ -42,8 +48,15 @@ DEFAULT_TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour and 
 DEFAULT_TILE_NORM_PASSES = 2  # 2: GroupNorm statistics shared across tiles (models/vae/tiling.py); 1: per tile
 
 
+def diffusers_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """What in-process diffusers gives for images x: the posterior mode of an AutoencoderKL, the
+    (deterministic) latents of an AutoencoderTiny. The reference the benchmark and tests compare with."""
+    out = vae.encode(x)
+    return out.latents if hasattr(out, "latents") else out.latent_dist.mode()
+
+
 class VAEModel:
-    """A named AutoencoderKL on one device and dtype. Thread-safe for concurrent inference calls."""
+    """A named AutoencoderKL or AutoencoderTiny on one device and dtype. Thread-safe for concurrent inference calls."""
 
     def __init__(
         self,
@@ -66,6 +79,7 @@ class VAEModel:
         self.sha256 = loaded.sha256
         self.source = loaded.path
         self.layout = loaded.layout
+        self.kind = type(self.vae).__name__  # "AutoencoderKL" | "AutoencoderTiny"
         param = next(self.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.requested_dtype = requested_dtype or self.dtype
@@ -91,11 +105,12 @@ class VAEModel:
         self.tile_norm_passes = int(tile_norm_passes)
         if self.tile_norm_passes not in (1, 2):
             raise ValueError(f"tile_norm_passes must be 1 or 2, got {tile_norm_passes}")
-        if self.tile_norm_passes > 1:
-            tiling.install(self.vae)  # no-op for untiled calls (see models/vae/tiling.py)
-        self.vae.tile_sample_min_size = self.tile_size
-        self.vae.tile_latent_min_size = self.tile_size // f
-        self.vae.tile_overlap_factor = self.tile_overlap
+        if self.tiling_supported:
+            if self.tile_norm_passes > 1:
+                tiling.install(self.vae)  # no-op for untiled calls (see models/vae/tiling.py)
+            self.vae.tile_sample_min_size = self.tile_size
+            self.vae.tile_latent_min_size = self.tile_size // f
+            self.vae.tile_overlap_factor = self.tile_overlap
         self.compiled = bool(compile)
         if self.compiled:
             self.vae.encoder.compile()
@@ -138,7 +153,18 @@ class VAEModel:
         return int(self.config.latent_channels)
 
     @property
+    def is_tiny(self) -> bool:
+        return self.kind == "AutoencoderTiny"
+
+    @property
+    def tiling_supported(self) -> bool:
+        """AutoencoderKL only: diffusers' AutoencoderTiny tiling assumes 4 latent channels."""
+        return not self.is_tiny
+
+    @property
     def downsample_factor(self) -> int:
+        if self.is_tiny:  # one upsampling between consecutive decoder stages
+            return int(self.config.upsampling_scaling_factor) ** (len(self.config.num_decoder_blocks) - 1)
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     @property
@@ -150,6 +176,17 @@ class VAEModel:
         shift = getattr(self.config, "shift_factor", None)
         return None if shift is None else float(shift)
 
+    @property
+    def latents_mean(self) -> tuple[float, ...] | None:
+        """Per-channel statistics of the config (diffusers' SDXL convention), when it defines both."""
+        mean, std = getattr(self.config, "latents_mean", None), getattr(self.config, "latents_std", None)
+        return None if mean is None or std is None else tuple(float(v) for v in mean)
+
+    @property
+    def latents_std(self) -> tuple[float, ...] | None:
+        mean, std = getattr(self.config, "latents_mean", None), getattr(self.config, "latents_std", None)
+        return None if mean is None or std is None else tuple(float(v) for v in std)
+
     def param_counts(self) -> dict[str, int]:
         enc = sum(p.numel() for n, p in self.vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
         total = sum(p.numel() for p in self.vae.parameters())
@@ -159,15 +196,19 @@ class VAEModel:
         """JSON-able summary, as served by GET /v1/models."""
         return {
             "name": self.name,
+            "class": self.kind,
             "latent_channels": self.latent_channels,
             "downsample_factor": self.downsample_factor,
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
+            "latents_mean": self.latents_mean,
+            "latents_std": self.latents_std,
             "dtype": str(self.dtype).removeprefix("torch."),
             "requested_dtype": str(self.requested_dtype).removeprefix("torch."),
             "device": str(self.device),
             "channels_last": self.channels_last,
             "compiled": self.compiled,
+            "tiling": self.tiling_supported,
             "tile_threshold_pixels": self.tile_threshold_pixels,
             "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
@@ -194,11 +235,12 @@ class VAEModel:
                 vae = type(self.vae).from_config(self.vae.config)
                 vae.load_state_dict({k: v.float() for k, v in self.vae.state_dict().items()})
                 vae = vae.to(self.device, torch.float32).eval().requires_grad_(False)
-                vae.tile_sample_min_size = self.vae.tile_sample_min_size
-                vae.tile_latent_min_size = self.vae.tile_latent_min_size
-                vae.tile_overlap_factor = self.vae.tile_overlap_factor
-                if self.tile_norm_passes > 1:
-                    tiling.install(vae)
+                if self.tiling_supported:
+                    vae.tile_sample_min_size = self.vae.tile_sample_min_size
+                    vae.tile_latent_min_size = self.vae.tile_latent_min_size
+                    vae.tile_overlap_factor = self.vae.tile_overlap_factor
+                    if self.tile_norm_passes > 1:
+                        tiling.install(vae)
                 self._fp32_vae = vae
         return self._fp32_vae
 
@@ -213,6 +255,8 @@ class VAEModel:
         *, tiled: bool = False, vae=None,
     ) -> torch.Tensor:
         vae = vae if vae is not None else self.vae
+        if self.is_tiny:  # deterministic: no posterior to sample
+            return vae.encode(x).latents
         if tiled:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 

@@ -22,16 +22,17 @@ MAX_SIZE = 1 << 16  # FLOPs are counted on the meta device: a large side costs n
 def count_flops(vae, size: int | tuple[int, int] = 512) -> dict[str, int]:
     """FLOPs of one encode (image of `size` -> posterior mode) and one decode (its latent -> image).
 
-    `vae` is an AutoencoderKL (only its config is used). Returns {"encode": int, "decode": int}.
+    `vae` is an AutoencoderKL or AutoencoderTiny (only its class and config are used).
+    Returns {"encode": int, "decode": int}.
     """
-    from diffusers import AutoencoderKL
+    from models.vae.inference import diffusers_latents
 
     h, w = (size, size) if isinstance(size, int) else size
     with torch.device("meta"):
-        meta = AutoencoderKL.from_config(vae.config)
+        meta = type(vae).from_config(vae.config)
         x = torch.zeros(1, int(vae.config.in_channels), h, w)
         with FlopCounterMode(display=False) as counter:
-            z = meta.encode(x).latent_dist.mode()
+            z = diffusers_latents(meta, x)
         encode = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             meta.decode(z)

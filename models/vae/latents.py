@@ -5,11 +5,15 @@ has one home. Every reader and writer of latents uses it: the HTTP wire formats 
 metadata, `/decode` and `/interpolate` reading it back), and latent files (`vae encode/decode`).
 
 Spaces. *Raw* latents are what the encoder's posterior gives and the decoder takes. *Scaled*
-latents are `(z - shift) * scale`, the space a diffusion model works in (roughly N(0, I)).
+latents are `(z - shift) * scale`, the space a diffusion model works in (roughly N(0, I)). A
+config with per-channel `latents_mean` / `latents_std` (Playground v2.5's SDXL-shaped VAE) scales
+as diffusers' SDXL pipelines do: `(z - mean) * scale / std`, and back `z * std / scale + mean`.
+AutoencoderTiny (TAESD) encodes straight into the scaled space: its config says scale 1, shift 0.
 
 Metadata (string values, JSON-encoded, as safetensors stores them; a JSON body may carry native
 JSON values instead):
   scaling_factor, shift_factor   numbers or null: the factors the producer knew of
+  latents_mean, latents_std      per-channel lists (only when the model's config defines them)
   scaled                         true: the tensor is stored scaled with those factors; false: raw.
                                  Absent (files from before this key): scaled iff scaling_factor
                                  is not null, which is what `/encode?scaling_factor=` always meant
@@ -38,18 +42,39 @@ class LatentMetadataError(ValueError):
     """Metadata that does not follow the contract; the message names the key and the value."""
 
 
-def scale(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None) -> torch.Tensor:
-    """Raw latents -> scaled latents: `(z - shift) * scale`; absent factors are skipped."""
+def _channels(values, z: torch.Tensor) -> torch.Tensor:
+    """Per-channel values as diffusers' SDXL pipelines build them: float32, (1, C, 1, 1), z's dtype."""
+    if len(values) != z.shape[1]:
+        raise LatentMetadataError(f"{len(values)} per-channel statistics for latents of {z.shape[1]} channels")
+    return torch.tensor(list(values)).view(1, -1, 1, 1).to(z.device, z.dtype)
+
+
+def scale(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None,
+          mean=None, std=None) -> torch.Tensor:
+    """Raw latents -> scaled latents: `(z - shift) * scale`; absent factors are skipped. With
+    per-channel `mean` and `std` (lists): `(z - shift - mean) * scale / std`, in diffusers' order."""
     if shift_factor is not None:
         z = z - shift_factor
+    if mean is not None and std is not None:
+        z = z - _channels(mean, z)
+        if scaling_factor is not None:
+            z = z * scaling_factor
+        return z / _channels(std, z)
     if scaling_factor is not None:
         z = z * scaling_factor
     return z
 
 
-def unscale(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None) -> torch.Tensor:
-    """Scaled latents -> raw latents: `z / scale + shift`; absent factors are skipped."""
-    if scaling_factor is not None:
+def unscale(z: torch.Tensor, scaling_factor: float | None, shift_factor: float | None,
+            mean=None, std=None) -> torch.Tensor:
+    """Scaled latents -> raw latents: `z / scale + shift`; absent factors are skipped. With
+    per-channel `mean` and `std`: `z * std / scale + mean + shift`, in diffusers' order."""
+    if mean is not None and std is not None:
+        z = z * _channels(std, z)
+        if scaling_factor is not None:
+            z = z / scaling_factor
+        z = z + _channels(mean, z)
+    elif scaling_factor is not None:
         z = z / scaling_factor
     if shift_factor is not None:
         z = z + shift_factor
@@ -112,6 +137,8 @@ class LatentInfo:
     original_size: tuple[int, int] | None = None
     quant_scale: list[float] | None = None
     quant_offset: list[float] | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> "LatentInfo":
@@ -120,12 +147,18 @@ class LatentInfo:
         scaled = _value(meta, "scaled") if "scaled" in meta else scale_ is not None
         if not isinstance(scaled, bool):
             raise LatentMetadataError(f"metadata `scaled` must be true or false, got {_short(meta.get('scaled'))}")
-        if scaled and scale_ is None and shift is None:
+        stats = [_floats(k, v) if (v := _value(meta, k)) is not None else None for k in ("latents_mean", "latents_std")]
+        if (stats[0] is None) != (stats[1] is None) or (stats[0] and len(stats[0]) != len(stats[1])):
+            raise LatentMetadataError("metadata `latents_mean` and `latents_std` must come together, one value per channel")
+        if stats[1] is not None and any(v == 0 for v in stats[1]):
+            raise LatentMetadataError("metadata `latents_std` must not hold zeros")
+        if scaled and scale_ is None and shift is None and stats[0] is None:
             raise LatentMetadataError("metadata says `scaled` but gives no `scaling_factor` or `shift_factor`")
         quant = [_floats(k, _value(meta, k)) if k in meta else None for k in ("quant_scale", "quant_offset")]
         if (quant[0] is None) != (quant[1] is None) or (quant[0] and len(quant[0]) != len(quant[1])):
             raise LatentMetadataError("metadata `quant_scale` and `quant_offset` must come together, one value per channel")
-        return cls(scale_, shift, scaled, _size(_value(meta, "original_size")), *quant)
+        return cls(scale_, shift, scaled, _size(_value(meta, "original_size")), *quant,
+                   *(tuple(v) if v is not None else None for v in stats))
 
     def to_metadata(self) -> dict[str, Any]:
         """JSON values (a JSON answer carries them as they are; safetensors writers JSON-encode them)."""
@@ -135,6 +168,8 @@ class LatentInfo:
             meta["original_size"] = list(self.original_size)
         if self.quant_scale is not None:
             meta.update(quant_scale=self.quant_scale, quant_offset=self.quant_offset)
+        if self.latents_mean is not None:
+            meta.update(latents_mean=list(self.latents_mean), latents_std=list(self.latents_std))
         return meta
 
     def to_raw(self, stored: torch.Tensor) -> torch.Tensor:
@@ -147,7 +182,9 @@ class LatentInfo:
             z = dequantize_uint8(stored, self.quant_scale, self.quant_offset)
         else:
             z = stored.float()
-        return unscale(z, self.scaling_factor, self.shift_factor) if self.scaled else z
+        if not self.scaled:
+            return z
+        return unscale(z, self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
 
 
 def quantize_uint8(z: torch.Tensor) -> tuple[torch.Tensor, list[float], list[float]]:

@@ -1,4 +1,8 @@
-"""Load AutoencoderKL weights from local folders, original single files or (when reachable) the hub.
+"""Load VAE weights from local folders, original single files or (when reachable) the hub.
+
+Served classes (`SUPPORTED_CLASSES`, read from the config's `_class_name`): diffusers'
+`AutoencoderKL` (SD 1.x, SDXL, SD3, FLUX: 4 or 16 latent channels) and `AutoencoderTiny` (TAESD).
+A folder holding any other class is refused with one line naming it (docs/families.md).
 
 Accepted sources, tried in this order:
   * a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors`, or a pipeline folder
@@ -23,7 +27,9 @@ import torch
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default"
 SD_KL_F8_CONFIG_DIR = Path(__file__).parent / "configs" / "sd-kl-f8"
+CONFIGS_DIR = Path(__file__).parent / "configs"  # the families' published configs (docs/families.md)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,9 +57,21 @@ class ModelLoadError(RuntimeError):
     """Weights or configuration that cannot be used; `str(err)` is a one-line reason."""
 
 
+def model_class(config: dict, where: str | Path = "config"):
+    """The diffusers class a config describes (`_class_name`; absent: AutoencoderKL, as older
+    folders were), or ModelLoadError naming the class and what is supported."""
+    import diffusers
+
+    name = config.get("_class_name") or "AutoencoderKL"
+    if name not in SUPPORTED_CLASSES:
+        raise ModelLoadError(f"{where} holds a {name}, which this service cannot serve: "
+                             f"supported are {' and '.join(SUPPORTED_CLASSES)} (docs/families.md)")
+    return getattr(diffusers, name)
+
+
 @dataclass
 class LoadedWeights:
-    vae: "torch.nn.Module"  # diffusers AutoencoderKL, eval mode, on the requested device and dtype
+    vae: "torch.nn.Module"  # diffusers AutoencoderKL or AutoencoderTiny, eval mode, on the requested device and dtype
     sha256: str  # of the weights file that was read
     path: str  # the file the weights came from
     layout: str  # "diffusers" | "single_file" | "hub"
@@ -108,10 +126,13 @@ def _check_safetensors(path: Path) -> list[str]:
 
 def _check_keys(config: dict, keys, path: Path, config_dir: Path, allow_unexpected: bool = False) -> None:
     """Refuse files with missing or unexpected tensors (diffusers would silently re-initialise them)."""
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        expected = set(AutoencoderKL.from_config(config).state_dict())
+    cls = model_class(config, config_dir / "config.json")
+    try:
+        with torch.device("meta"):
+            expected = set(cls.from_config(config).state_dict())
+    except Exception as exc:  # a config the class cannot build (e.g. channels not divisible by the groups)
+        raise ModelLoadError(f"{config_dir / 'config.json'} does not describe a valid {cls.__name__}: {exc}"
+                             .replace("\n", " ")) from None
     found = set()
     for key in keys:
         for old, new in _LEGACY_ATTN.items():
@@ -134,18 +155,19 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> LoadedWeights:
         folder = folder / "vae"  # a pipeline folder
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json (nor vae/config.json): not a diffusers model folder")
+    try:
+        config = AutoencoderKL.load_config(str(folder))  # ConfigMixin's reader: any class's config.json
+    except Exception as exc:
+        raise ModelLoadError(f"unreadable config {folder / 'config.json'}: {exc}".replace("\n", " ")) from None
+    cls = model_class(config, folder / "config.json")  # an unservable class is refused before anything else
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         others = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
         hint = f" (found {', '.join(others)}; only .safetensors weights are loaded)" if others else ""
         raise ModelLoadError(f"missing weights file {weights}{hint}")
-    try:
-        config = AutoencoderKL.load_config(str(folder))
-    except Exception as exc:
-        raise ModelLoadError(f"unreadable config {folder / 'config.json'}: {exc}".replace("\n", " ")) from None
     _check_keys(config, _check_safetensors(weights), weights, folder)
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=_torch_dtype_arg(dtype), local_files_only=True)
+        vae = cls.from_pretrained(str(folder), torch_dtype=_torch_dtype_arg(dtype), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {folder}: {exc}".replace("\n", " ")) from None
     return LoadedWeights(vae, sha256_file(weights), str(weights), "diffusers")
@@ -185,6 +207,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
         if not isinstance(checkpoint, dict):
             raise ModelLoadError(f"checkpoint {path} does not hold a state dict")
     model_config = AutoencoderKL.load_config(str(cfg))
+    if model_class(model_config, cfg / "config.json") is not AutoencoderKL:
+        raise ModelLoadError(f"single-file checkpoints are AutoencoderKL only, but {cfg / 'config.json'} holds a "
+                             f"{model_config.get('_class_name')}: serve a diffusers folder instead")
     # Convert once here only to name missing tensors clearly (from_single_file would fail obscurely);
     # other tensors of a full SD checkpoint (UNet, text encoder) are ignored.
     try:
@@ -240,7 +265,7 @@ def load_weights(
     device: str | torch.device = "cpu",
     config: str | Path | None = None,
 ) -> LoadedWeights:
-    """Load an AutoencoderKL from `source` (see module doc) onto `device` in `dtype`, in eval mode.
+    """Load an AutoencoderKL or AutoencoderTiny from `source` (see module doc) onto `device` in `dtype`, in eval mode.
 
     `config` only matters for single files: a folder (or its config.json) describing the architecture.
     """

@@ -24,6 +24,8 @@ from models.vae.latents import LatentInfo
 
 
 class EncodeQuery(ModelQuery, ScalingQuery, RawTensorQuery, TilingQuery):
+    do_scaling: bool = Field(False, description="without scaling_factor: apply the model's own factors "
+                                                "(and its latents_mean / latents_std)")
     sample: bool = Field(False, description="false: the posterior mean; true: a sample (reproducible with `seed`)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     output_dtype: str | None = Field(None, max_length=20, description="result dtype (float32 default)")
@@ -41,13 +43,16 @@ class EncodeRequest:
     out_dtype: torch.dtype
     accept: str | None
     tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
+    latents_mean: tuple[float, ...] | None = None  # the model's per-channel statistics, with do_scaling
+    latents_std: tuple[float, ...] | None = None
 
 
 class Encode(Endpoint):
     path, summary, Query = "/encode", "image (or [-1, 1] image tensor) -> latents", EncodeQuery
     body, answers = {**IMAGE_BODY, **TENSOR_BODY}, TENSORS
     # Seeded sampling is never batched: one generator over a batch draws different noise.
-    batching = BatchSpec("x", ("model", "scaling_factor", "shift_factor", "out_dtype", "tiled"), lambda r: not r.sample)
+    batching = BatchSpec("x", ("model", "scaling_factor", "shift_factor", "out_dtype", "tiled", "latents_mean",
+                               "latents_std"), lambda r: not r.sample)
 
     async def decode_request(self, request: Request, q: EncodeQuery) -> EncodeRequest:
         settings = request.app.state.settings
@@ -66,17 +71,24 @@ class Encode(Endpoint):
         out_dtype = wire.parse_dtype(out_name)
         if not out_dtype.is_floating_point:
             raise Unprocessable(f"latents cannot be returned as {out_name}: use float32, float16 or bfloat16")
-        return EncodeRequest(model, x, tuple(x.shape[-2:]), q.sample, q.seed, q.scaling_factor, q.shift_factor,
-                             out_dtype, request.headers.get("accept"), tiled=q.tiled)
+        scale, shift, stats = q.scaling_factor, q.shift_factor, (None, None)
+        if scale is None and q.do_scaling:  # the model's own factors (remote_encode passes them explicitly)
+            scale = model.scaling_factor
+            shift = model.shift_factor if shift is None else shift
+            stats = (model.latents_mean, model.latents_std)
+        return EncodeRequest(model, x, tuple(x.shape[-2:]), q.sample, q.seed, scale, shift,
+                             out_dtype, request.headers.get("accept"), tiled=q.tiled,
+                             latents_mean=stats[0], latents_std=stats[1])
 
     def predict(self, req: EncodeRequest) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(req.seed) if req.seed is not None else None
         z = req.model.encode(req.x, sample=req.sample, generator=generator, tiled=req.tiled).cpu()
-        return latents.scale(z, req.scaling_factor, req.shift_factor).to(req.out_dtype)
+        return latents.scale(z, req.scaling_factor, req.shift_factor, req.latents_mean, req.latents_std).to(req.out_dtype)
 
     def encode_response(self, z: torch.Tensor, req: EncodeRequest) -> Response:
-        scaled = req.scaling_factor is not None or req.shift_factor is not None
-        info = LatentInfo(req.scaling_factor, req.shift_factor, scaled, req.original_size)
+        scaled = req.scaling_factor is not None or req.shift_factor is not None or req.latents_mean is not None
+        info = LatentInfo(req.scaling_factor, req.shift_factor, scaled, req.original_size,
+                          latents_mean=req.latents_mean, latents_std=req.latents_std)
         meta = {"model": req.model.name, "sample": req.sample, **info.to_metadata()}
         headers = {"X-Model": req.model.name, "X-Original-Size": json_header(list(req.original_size))}
         return tensor_response(z, req.accept, "latents", meta, headers)

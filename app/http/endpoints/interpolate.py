@@ -100,7 +100,8 @@ class Interpolate(Endpoint):
         else:  # the 'from' image sets the shape, and its original size the crop
             latent_size, crop = tuple(za.shape[-2:]), req.a.size
         za, zb = (latent_ops.resize_latents(z, latent_size) for z in (za, zb))
-        z = latent_ops.interpolate(za, zb, req.steps, req.method, m.scaling_factor, m.shift_factor)
+        z = latent_ops.interpolate(za, zb, req.steps, req.method, m.scaling_factor, m.shift_factor,
+                                   m.latents_mean, m.latents_std)
         return frames.decode_frames(m, z, crop), list(za.shape)
 
     def encode_response(self, result, req: InterpolateRequest) -> Response:
@@ -138,7 +139,7 @@ def read_part(name: str, data: bytes, content_type: str | None, model: VAEModel,
     if z.shape[0] != 1:
         raise Unprocessable(f"part `{name}` holds {z.shape[0]} latents: send one (1, C, h, w)")
     if info.scaled:
-        z = latents.unscale(z, info.scaling_factor, info.shift_factor)
+        z = latents.unscale(z, info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std)
     return Part(None, z, info.original_size)
 
 

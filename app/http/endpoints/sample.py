@@ -57,7 +57,8 @@ class Sample(Endpoint):
     def predict(self, req: SampleRequest) -> torch.Tensor:
         f, m = req.model.downsample_factor, req.model
         z = latent_ops.sample_latents(
-            req.n, m.latent_channels, (req.size[0] // f, req.size[1] // f), req.seed, m.scaling_factor, m.shift_factor
+            req.n, m.latent_channels, (req.size[0] // f, req.size[1] // f), req.seed, m.scaling_factor, m.shift_factor,
+            m.latents_mean, m.latents_std,
         )
         return frames.decode_frames(m, z, None)
 

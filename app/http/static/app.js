@@ -213,7 +213,8 @@ function describeModel() {
   const m = state.models[$("model").value];
   if (!m) return;
   $("model-info").textContent =
-    `${m.latent_channels} latent channels · f=${m.downsample_factor} · scaling ${m.scaling_factor}` +
+    `${m.class || "AutoencoderKL"} · ${m.latent_channels} latent channels · f=${m.downsample_factor}` +
+    ` · scaling ${m.scaling_factor}` + (m.shift_factor === null ? "" : ` · shift ${m.shift_factor}`) +
     ` · ${(m.parameters / 1e6).toFixed(2)} M params · ${m.dtype} on ${m.device}`;
 }
 

@@ -1,0 +1,71 @@
+"""`vae encode` / `vae decode` with 16-channel families (FLUX's AutoencoderKL, TAEF1's AutoencoderTiny):
+the latent files hold what in-process diffusers encodes, and decode back to its pixels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.vae import imaging
+from models.vae import latent_files as latent_store
+from support import family_reference, gradient_image, pipeline_scale, run
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family-inputs")
+    gradient_image(40, 32, seed=1).save(root / "a.png")
+    gradient_image(37, 29, seed=2).save(root / "odd.png")  # sides not multiples of 8: padded, then cropped back
+    return root
+
+
+@pytest.mark.parametrize("family", ["flux", "taef1"])
+def test_encode_decode_with_16_channels(family, family_dirs, inputs, tmp_path):
+    ref = family_reference(family_dirs[family])
+    lat, out = tmp_path / "lat", tmp_path / "out"
+    rc, rep = run("encode", inputs, "--out", lat, "--model", f"{family}={family_dirs[family]}", "--latent-dtype",
+                  "float32", "--batch-size", "1", report=tmp_path / "enc.json")
+    assert rc == 0 and rep["done"] == 2
+    for name, (w, h) in (("a.png", (40, 32)), ("odd.png", (37, 29))):
+        z, meta = latent_store.decode_record((lat / f"{name}.safetensors").read_bytes())
+        x, _ = imaging.pad_to_multiple(imaging.to_tensor(Image.open(inputs / name)), 8)
+        with torch.no_grad():
+            enc = ref.encode(x)
+            expected = enc.latents if hasattr(enc, "latents") else enc.latent_dist.mode()
+        assert z.shape == (1, 16, -(-h // 8), -(-w // 8)) and torch.equal(z, expected)
+        assert meta["scaling_factor"] == ref.config.scaling_factor and meta["original_size"] == [h, w]
+
+    rc, rep = run("decode", lat, "--out", out, "--model", family_dirs[family], "--batch-size", "1",
+                  report=tmp_path / "dec.json")
+    assert rc == 0 and rep["done"] == 2
+    for name in ("a.png", "odd.png"):
+        z, meta = latent_store.decode_record((lat / f"{name}.safetensors").read_bytes())
+        with torch.no_grad():
+            expected = imaging.to_uint8(imaging.crop_to(ref.decode(z).sample, tuple(meta["original_size"])))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), expected[0].numpy())
+
+
+def test_scaled_and_quantized_flux_files(family_dirs, inputs, tmp_path):
+    """--scaled stores FLUX's (z - 0.1159) * 0.3611; --quantize uint8 keeps one scale/offset per channel (16)."""
+    ref = family_reference(family_dirs["flux"])
+    model = f"flux={family_dirs['flux']}"
+    rc, _ = run("encode", inputs, "--out", tmp_path / "scaled", "--model", model, "--latent-dtype", "float32", "--scaled",
+                "--batch-size", "1")
+    assert rc == 0
+    data = (tmp_path / "scaled" / "a.png.safetensors").read_bytes()
+    import safetensors.torch
+
+    stored = safetensors.torch.load(data)["latents"]
+    with torch.no_grad():
+        z = ref.encode(imaging.to_tensor(Image.open(inputs / "a.png"))).latent_dist.mode()
+    assert torch.equal(stored, pipeline_scale(dict(ref.config), z))
+    rc, _ = run("encode", inputs, "--out", tmp_path / "q", "--model", model, "--quantize", "uint8", "--batch-size", "1")
+    assert rc == 0
+    meta = latent_store.read_metadata(tmp_path / "q" / "a.png.safetensors")
+    assert len(json.loads(meta["quant_scale"])) == 16
+    restored, _ = latent_store.decode_record((tmp_path / "q" / "a.png.safetensors").read_bytes())
+    assert restored.shape == z.shape and (restored - z).abs().max() <= max(json.loads(meta["quant_scale"])) / 2 + 1e-5

@@ -9,13 +9,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.http.auth import APIKeyMiddleware
+from app.http.errors import UnexpectedErrors
 from app.http.observability import RequestMiddleware
 from app.http.settings import Settings
 
 
 def install(app: FastAPI, settings: Settings) -> None:
     metrics = app.state.metrics
-    # add_middleware: the last added is the outermost. Order of a request: ids/metrics, CORS, keys.
+    # add_middleware: the last added is the outermost. Order of a request: ids/metrics, CORS, keys,
+    # unexpected errors (innermost: its 500 still gets CORS headers, a request id and a metric).
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

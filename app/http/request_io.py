@@ -34,6 +34,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+def tensor_limits(settings, max_elements: int) -> wire.TensorLimits:
+    return wire.TensorLimits(max_elements=max_elements, max_json_bytes=settings.max_json_bytes)
+
+
+def body_limit(settings, content_type: str | None) -> int:
+    """Bytes a body may have: max_body_bytes, and max_json_bytes for JSON (parsed into objects)."""
+    if wire.media_type(content_type) == wire.JSON:
+        return min(settings.max_body_bytes, settings.max_json_bytes)
+    return settings.max_body_bytes
+
+
 async def read_form_file(request: Request, name: str, hint: str) -> tuple[bytes, str | None]:
     """(bytes, content type) of the multipart file field `name`; 400 naming it when absent."""
     form = await request.form()

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="log level (uvicorn and the service)")
     # --- limits, queue and shutdown (docs/operations.md) ---
     max_latent_elements: int = Field(4 * 4 * 256 * 256, ge=1, description="N*C*h*w limit of latents in or out")
+    max_json_bytes: int = Field(8 * 1024 * 1024, ge=1024,
+                                description="JSON tensor bodies, which cost ~15 bytes of memory per byte once parsed")
     image_formats: CommaList = Field(["png", "jpeg", "webp"], description="accepted upload formats (allow-list)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival to the end of model work, else 504")
     max_queue: int = Field(64, ge=1, description="model work waiting for a worker; beyond it 503 + Retry-After")

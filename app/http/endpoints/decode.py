@@ -18,7 +18,8 @@ from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
 from app.http.endpoints.query import ImageOutQuery, ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
 from app.http.openapi_doc import IMAGES, TENSOR_BODY, TENSORS
-from app.http.request_io import image_format_for, image_response, read_body, tensor_response
+from app.http.request_io import (body_limit, image_format_for, image_response, read_body, tensor_limits,
+                                 tensor_response)
 from app.protocol import wire
 from app.protocol.errors import BadRequest, Unprocessable
 from models.vae import imaging, latents
@@ -65,13 +66,14 @@ class Decode(Endpoint):
         model = request.app.state.registry.get(q.model)
         if q.output_type not in ("pil", "pt"):
             raise BadRequest(f"unsupported output_type {q.output_type!r}: use pil or pt")
-        body = await read_body(request, settings.max_body_bytes)
+        kind = wire.media_type(request.headers.get("content-type"))
+        body = await read_body(request, body_limit(settings, kind))
         if not body:
             raise BadRequest("empty request body: send a latent tensor")
-        kind = wire.media_type(request.headers.get("content-type"))
         if kind == "application/x-www-form-urlencoded" and q.shape:
             kind = "application/octet-stream"  # `curl --data-binary` sends this type by default
-        z, meta = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype)
+        z, meta = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype,
+                                                 tensor_limits(settings, settings.max_latent_elements))
         info = validation.latent_info(meta)
         packed = z.ndim == 3
         if packed:

@@ -15,7 +15,7 @@ from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
 from app.http.endpoints.query import ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
 from app.http.openapi_doc import IMAGE_BODY, TENSOR_BODY, TENSORS
-from app.http.request_io import json_header, read_body, read_image_bytes, tensor_response
+from app.http.request_io import body_limit, json_header, read_body, read_image_bytes, tensor_limits, tensor_response
 from app.protocol import wire
 from app.protocol.errors import Unprocessable
 from models.vae import imaging, latents
@@ -60,8 +60,11 @@ class Encode(Endpoint):
         kind = wire.media_type(request.headers.get("content-type"))
         is_tensor = kind in (wire.SAFETENSORS, wire.NPY, wire.JSON, "tensor/binary") or bool(q.shape)
         if is_tensor:
-            body = await read_body(request, settings.max_body_bytes)
-            x, _ = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype)
+            body = await read_body(request, body_limit(settings, kind))
+            # Before allocation: as many numbers as images whose latents fit max_latent_elements.
+            per_latent = model.in_channels * model.downsample_factor ** 2 // model.latent_channels
+            limits_ = tensor_limits(settings, settings.max_latent_elements * per_latent)
+            x, _ = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype, limits_)
             x = validation.image_tensor(x, model, settings.max_pixels)
             limits.check_latent_elements(limits.encode_latent_shape(x.shape, model), settings.max_latent_elements)
         else:

@@ -16,7 +16,8 @@ from app.http.endpoint import Endpoint
 from app.http.endpoints import frames
 from app.http.endpoints.query import ModelQuery
 from app.http.openapi_doc import IMAGES, TENSORS
-from app.http.request_io import image_response, read_body, read_form_file, tensor_response, wants_tensor
+from app.http.request_io import (image_response, read_body, read_form_file, tensor_limits, tensor_response,
+                                 wants_tensor)
 from app.protocol import wire
 from app.protocol.errors import BadRequest, UnsupportedMediaType, Unprocessable
 from models.vae import imaging, latent_ops, latents
@@ -79,7 +80,8 @@ class Interpolate(Endpoint):
         parts = []
         for name in ("a", "b"):
             data, content_type = await read_form_file(request, name, " (fields `a` and `b`)")
-            parts.append(await anyio.to_thread.run_sync(read_part, name, data, content_type, model, settings.max_pixels))
+            parts.append(await anyio.to_thread.run_sync(read_part, name, data, content_type, model, settings.max_pixels,
+                                                        tensor_limits(settings, settings.max_latent_elements)))
         target = None
         if q.width is not None or q.height is not None:
             if q.width is None or q.height is None:
@@ -118,7 +120,8 @@ class Interpolate(Endpoint):
         return image_response(frames.strip(images), "png", req.quality, headers)
 
 
-def read_part(name: str, data: bytes, content_type: str | None, model: VAEModel, max_pixels: int) -> Part:
+def read_part(name: str, data: bytes, content_type: str | None, model: VAEModel, max_pixels: int,
+              limits: wire.TensorLimits | None = None) -> Part:
     """An uploaded part: an image (by its magic bytes), or a latent file (safetensors / npy / JSON),
     read through the latent contract: scaled latents (its metadata says so) are unscaled."""
     if not data:
@@ -133,7 +136,7 @@ def read_part(name: str, data: bytes, content_type: str | None, model: VAEModel,
         raise UnsupportedMediaType(
             f"part `{name}` is neither an image (PNG, JPEG, WebP) nor a latent file (safetensors, npy, JSON)"
         )
-    z, meta = wire.read_tensor(data, kind, [], None)
+    z, meta = wire.read_tensor(data, kind, [], None, limits)
     info = validation.latent_info(meta, where=f"part `{name}`")
     z = validation.latents(z, model, max_pixels, info)
     if z.shape[0] != 1:

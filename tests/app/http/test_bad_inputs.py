@@ -84,6 +84,14 @@ Z = torch.randn(1, 4, 4, 4)
 IMG = {"Content-Type": "image/png"}
 T = {"Content-Type": "tensor/binary"}
 ZQ = {"shape": "1,4,4,4", "dtype": "float32"}
+J = {"Content-Type": "application/json"}
+ST = {"Content-Type": "application/x-safetensors"}
+NPY_T = {"Content-Type": "application/x-npy"}
+
+
+def latent_parts(meta: dict) -> dict:
+    body = safetensors.torch.save({"latents": torch.zeros(1, 4, 4, 4)}, metadata=meta)
+    return {"a": body, "b": body}
 
 
 def multipart(fields: dict, boundary: str = "XyZ") -> tuple[bytes, dict]:
@@ -121,6 +129,7 @@ ODD_BUT_VALID = [
     ("webp-animated", "/roundtrip", animated_webp(), {"Content-Type": "image/webp"}, {}),
     ("wrong-content-type-but-png", "/roundtrip", save(BASE, "PNG"), {"Content-Type": "image/jpeg"}, {}),
     ("npy-float64-latents", "/decode", npy(np.zeros((1, 4, 4, 4))), {"Content-Type": "application/x-npy"}, {}),
+    ("npy-big-endian-latents", "/decode", npy(np.zeros((1, 4, 4, 4), ">f4")), {"Content-Type": "application/x-npy"}, {}),
     ("multipart-ok", "/roundtrip", *multipart({"image": save(BASE, "PNG")}), {}),
 ]
 
@@ -188,6 +197,34 @@ BAD = [
     ("unknown-model", "/roundtrip", save(BASE, "PNG"), IMG, {"model": "../../etc/passwd"}),
     ("bad-bool", "/encode", save(BASE, "PNG"), IMG, {"sample": "maybe"}),
     ("interpolate-one-part", "/interpolate", *multipart({"a": save(BASE, "PNG")}), {}),
+    # issue 12, finding 1: malformed but parseable (each used to be a 500, or a 200 for a truncated shape)
+    ("latents-shape-1e999", "/decode", raw(Z), T, {"shape": "[1e999,4,4,4]"}),
+    ("latents-shape-floats", "/decode", raw(Z), T, {"shape": "[1.9,4,4,4.2]"}),
+    ("latents-shape-bools", "/decode", raw(Z), T, {"shape": "[true,4,4,4]"}),
+    ("latents-shape-decimal", "/decode", raw(Z), T, {"shape": "1,4,4,4.0"}),
+    ("latents-zero-size", "/decode", b"", T, {"shape": "1,4,0,4"}),
+    ("json-dtype-number", "/decode", json.dumps({"data": Z.tolist(), "dtype": 5}).encode(), J, {}),
+    ("json-400-digit-integer", "/decode", b'{"data": [[[[' + b"9" * 400 + b"]]]]}", J, {}),
+    ("json-zero-size", "/decode", json.dumps({"data": [], "shape": [1, 4, 0, 0]}).encode(), J, {}),
+    ("json-shape-string", "/decode", json.dumps({"data": Z.flatten().tolist(), "shape": "1444"}).encode(), J, {}),
+    ("json-original-size-strings", "/decode", json.dumps({"data": Z.tolist(), "original_size": ["a", 8]}).encode(), J, {}),
+    ("json-booleans", "/decode", json.dumps({"data": (Z > 0).tolist()}).encode(), J, {}),
+    ("safetensors-zero-size", "/decode", safetensors.torch.save({"latents": torch.zeros(1, 4, 0, 4)}), ST, {}),
+    ("safetensors-f8-e4m3", "/decode", safetensors.torch.save({"latents": Z.to(torch.float8_e4m3fn)}), ST, {}),
+    ("safetensors-int64", "/decode", safetensors.torch.save({"latents": Z.long()}), ST, {}),
+    ("npy-zero-size", "/decode", npy(np.zeros((1, 4, 0, 4), np.float32)), NPY_T, {}),
+    ("npy-trailing-bytes", "/decode", npy(np.zeros((1, 4, 4, 4), np.float32)) + b"junk", NPY_T, {}),
+    ("npy-huge-header-shape", "/decode", npy(np.zeros(1, np.float32)).replace(b"(1,)", b"(1099511627776,)"), NPY_T, {}),
+    ("image-tensor-zero-size", "/encode", b"", T, {"shape": "1,3,0,8", "dtype": "float32"}),
+    ("encode-seed-2**64", "/encode", save(BASE, "PNG"), IMG, {"seed": str(2**64), "sample": "true"}),
+    ("encode-scaling-1e308", "/encode", save(BASE, "PNG"), IMG, {"scaling_factor": "1e308"}),
+    ("decode-scaling-1e-310", "/decode", raw(Z), T, {**ZQ, "scaling_factor": "1e-310", "output_type": "pt"}),
+    ("interpolate-meta-scaling-abc", "/interpolate", *multipart(latent_parts({"scaling_factor": '"abc"'})), {}),
+    ("interpolate-meta-size-3", "/interpolate", *multipart(latent_parts({"original_size": "[8, 8, 8]"})), {}),
+    ("interpolate-meta-size-0", "/interpolate", *multipart(latent_parts({"original_size": "[0, 0]"})), {}),
+    ("interpolate-meta-scaling-0", "/interpolate", *multipart(latent_parts({"scaling_factor": "0"})), {}),
+    ("interpolate-part-zero-size", "/interpolate", *multipart({"a": npy(np.zeros((1, 4, 0, 4), np.float32)),
+                                                              "b": npy(np.zeros((1, 4, 0, 4), np.float32))}), {}),
     ("sample-bad-size", "/sample", b"", {}, {"width": "13"}),
 ]
 

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=None, help="every server's torch threads (default: all cores)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of every server ('unset': leave it)")
     p.add_argument("--rss-cap-gib", type=float, default=8.0, help="a server over this is stopped, its cell fails")
+    p.add_argument("--logs", type=Path, default=Path("out/peers-logs"), help="server logs (default out/peers-logs)")
+    p.add_argument("--note", default="", help="a sentence printed with the results (e.g. the machine's state)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     q = args.quick
@@ -241,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, threads: int) -> dict:
     t_begin = time.monotonic()
-    out = Path(args.out)
-    logs = out / "logs"
+    logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "VAE_TORCH_THREADS": str(threads),
            "PEER_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -253,7 +254,7 @@ def run(args, threads: int) -> dict:
                 quick=args.quick, device=args.device, torch_threads=threads,
                 omp_wait_policy=env.get("OMP_WAIT_POLICY", "unset"), rounds=args.rounds, waves=args.waves,
                 round_seconds=args.round_seconds, budget_s=args.budget_s, server_env=env,
-                loadavg_start=list(os.getloadavg()))
+                loadavg_start=list(os.getloadavg()), note=args.note)
     systems = build_systems(args)
     result = {"meta": meta, "systems": {}, "models": {}, "agreement": [], "cells": []}
     cap_mib = args.rss_cap_gib * 1024
@@ -425,6 +426,8 @@ def render_markdown(result: dict) -> str:
         "Throughput: median req/s over rounds [min-max]; latency p50 / p99 in ms over every request of the cell.",
         "",
     ]
+    if m.get("note"):
+        lines[3:3] = [f"**Note:** {m['note']}"]
     rows = [[name, s["kind"], s["preset"] or "", f"{s['idle_cpu_share'] * 100:.1f} %" if s.get("idle_cpu_share") is not None else "",
              f"`{s['argv']}`"] for name, s in result["systems"].items()]
     lines += [md_table(["system", "kind", "preset / args", "CPU used while idle", "command"], rows), ""]

@@ -3,12 +3,11 @@
     python -m benchmarks.gpu_check --out $OUT            # on a CUDA machine (gpu_check.sh sets it up)
     python -m benchmarks.gpu_check --quick --out DIR     # CPU smoke of the same code (CI)
 
-Sections, in order of priority (each is skipped, and says so, when the time budget is spent):
+Sections, in this order (each part is skipped, and says so, when the time budget is spent):
   model     SD-size AutoencoderKL (models/configs/sd-kl-f8, random weights) encode and decode at
             512^2 and 1024^2 in process through diffusers: fp32, fp16, bf16, each half precision
-            with channels_last, a captured CUDA graph of the eager model, torch.compile, and
-            torch.compile with CUDA graphs (mode reduce-overhead); CUDA-event timing, medians;
-            error of each against a strict fp32 (no TF32) reference
+            with channels_last, and a captured CUDA graph of the eager model; CUDA-event timing,
+            medians; error of each against a strict fp32 (no TF32) reference
   batching  16 x 256^2 decodes as one batch against 16 one-image calls (in process)
   http      `vae serve --device cuda --dtype bfloat16` (a subprocess): /decode at 1024^2 (and
             512^2) answering PNG, JPEG and pt, each request split into model (compute stage),
@@ -16,6 +15,8 @@ Sections, in order of priority (each is skipped, and says so, when the time budg
             time minus the server's whole-request time), from /metrics histogram deltas around
             each request; then 16 concurrent 256^2 /decode requests against a server with
             --max-batch-size 16 and one with --max-batch-size 1, rounds interleaved
+  compile   with the time left (rows added to `model`): torch.compile of the decoder at each size,
+            then with CUDA graphs (mode reduce-overhead), then of the encoder
 Writes gpu_check.json and gpu_check.md to --out (default $OUT). Goals (issue 14, on an H100):
 decode 512^2 <= 12 ms and 1024^2 <= 45 ms, batching >= 1.5x at 16 x 256^2, non-model share of a
 1024^2 /decode <= 10 %.
@@ -146,35 +147,50 @@ def _error(out, ref) -> dict:
     return {"finite": finite, "rel_l2": rel, "max_abs": mx}
 
 
-def bench_model(base, args, budget: Budget, log) -> dict:
-    import torch
+class ModelBench:
+    """In-process timings: `eager()` (eager variants, CUDA graphs) first; `compile()` later, with
+    whatever time is left after the other sections. Rows go to one shared result dict."""
 
-    device, quick = args.device, args.quick
-    ops = ["decode", "encode"]
-    rows, refs, notes = [], {}, []
-    timing = dict(warmup=1 if quick else 3, min_runs=2 if quick else 10, min_seconds=0.0 if quick else 1.0)
-    cuda = device.startswith("cuda")
-    flags = {}
-    if cuda:
-        flags = {"cudnn.allow_tf32 (timing)": torch.backends.cudnn.allow_tf32,
-                 "matmul.allow_tf32 (timing)": torch.backends.cuda.matmul.allow_tf32,
-                 "cudnn.benchmark": torch.backends.cudnn.benchmark}
+    def __init__(self, base, args, budget: Budget, log):
+        import torch
 
-    # strict fp32 reference (no TF32), one per op and size
-    with torch.inference_mode():
-        ref_model = _build(base, "float32", False, device)
-        if cuda:
-            tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        for op in ops:
-            for size in args.sizes:
-                refs[(op, size)] = _op_fn(ref_model, op)(_inputs(op, size, device, torch.float32, False)[0]).float()
-        if cuda:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        del ref_model
+        self.base, self.args, self.budget, self.log = base, args, budget, log
+        self.device, self.cuda = args.device, args.device.startswith("cuda")
+        self.ops = ["decode", "encode"]
+        q = args.quick
+        self.timing = dict(warmup=1 if q else 3, min_runs=2 if q else 10, min_seconds=0.0 if q else 1.0)
+        self.refs: dict = {}
+        flags = {}
+        if self.cuda:
+            flags = {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn.benchmark": torch.backends.cudnn.benchmark}
+        self.result = {"rows": [], "notes": [], "flags": flags, "half_for_fast_paths": None}
+        self.on_row = lambda: None  # main() writes the files after every row: a killed run keeps them
 
-    def record(variant: str, op: str, size: int, fn, inputs, extra: dict | None = None):
-        if cuda:
+    def _references(self):
+        """Strict float32 (no TF32) outputs, one per op and size."""
+        import torch
+
+        with torch.inference_mode():
+            ref_model = _build(self.base, "float32", False, self.device)
+            if self.cuda:
+                tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                for op in self.ops:
+                    for size in self.args.sizes:
+                        x = _inputs(op, size, self.device, torch.float32, False)[0]
+                        self.refs[(op, size)] = _op_fn(ref_model, op)(x).float()
+            finally:
+                if self.cuda:
+                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+            del ref_model
+
+    def record(self, variant: str, op: str, size: int, fn, inputs, extra: dict | None = None) -> dict:
+        import torch
+
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         k = [0]
 
@@ -183,74 +199,87 @@ def bench_model(base, args, budget: Budget, log) -> dict:
             return fn(inputs[k[0] % len(inputs)])
 
         with torch.inference_mode():
-            t = time_fn(call, device, **timing)
+            t = time_fn(call, self.device, **self.timing)
             out = fn(inputs[0]).clone()
-            _sync(device)
-        row = {"variant": variant, "op": op, "size": size, **t, **_error(out, refs[(op, size)]), **(extra or {})}
-        if cuda:
+            _sync(self.device)
+        row = {"variant": variant, "op": op, "size": size, **t, **_error(out, self.refs[(op, size)]), **(extra or {})}
+        if self.cuda:
             row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        rows.append(row)
-        log(f"model {variant:>24} {op} {size}: {row['median_ms']:.2f} ms (min {row['min_ms']:.2f}), "
-            f"rel err {row['rel_l2']}")
+        self.result["rows"].append(row)
+        self.on_row()
+        self.log(f"model {variant:>24} {op} {size}: {row['median_ms']:.2f} ms (min {row['min_ms']:.2f}), "
+                 f"rel err {row['rel_l2']}")
         return row
 
-    # eager variants
-    for v in _variants(device, quick):
-        if not budget.allows(20):
-            notes.append(f"{v['name']}: skipped, time budget")
-            continue
-        with torch.inference_mode():
-            vae = _build(base, v["dtype"], v["cl"], device)
-        for op in ops:
-            for size in args.sizes:
-                record(v["name"], op, size, _op_fn(vae, op), _inputs(op, size, device, vae.dtype, v["cl"]))
-        del vae
-        if cuda:
+    @property
+    def half(self) -> tuple[str, str]:
+        tag = self.result["half_for_fast_paths"] or "bf16-cl"
+        return tag, {"fp16-cl": "float16"}.get(tag, "bfloat16")
+
+    def eager(self) -> dict:
+        import torch
+
+        self._references()
+        notes = self.result["notes"]
+        for v in _variants(self.device, self.args.quick):
+            if not self.budget.allows(20):
+                notes.append(f"{v['name']}: skipped, time budget")
+                continue
+            with torch.inference_mode():
+                vae = _build(self.base, v["dtype"], v["cl"], self.device)
+            for op in self.ops:
+                for size in self.args.sizes:
+                    self.record(v["name"], op, size, _op_fn(vae, op), _inputs(op, size, self.device, vae.dtype, v["cl"]))
+            del vae
+            if self.cuda:
+                torch.cuda.empty_cache()
+        # the faster half-precision channels_last variant at the largest decode carries on
+        self.result["half_for_fast_paths"] = _best_half(self.result["rows"])
+        tag, hd = self.half
+        if self.cuda and not self.args.skip_cudagraph:  # a CUDA graph of the eager model
+            with torch.inference_mode():
+                vae = _build(self.base, hd, True, self.device)
+            for op in self.ops:
+                for size in self.args.sizes:
+                    if not self.budget.allows(15):
+                        notes.append(f"{tag}+cudagraph {op} {size}: skipped, time budget")
+                        continue
+                    try:
+                        fn = _graphed(_op_fn(vae, op), _inputs(op, size, self.device, vae.dtype, True)[0])
+                        self.record(f"{tag}+cudagraph", op, size, fn, [None])
+                    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                        notes.append(f"{tag}+cudagraph {op} {size}: {type(exc).__name__}: {str(exc)[:200]}")
+            del vae
             torch.cuda.empty_cache()
+        return self.result
 
-    half = _best_half(rows)  # the faster half-precision channels_last variant at the largest decode
-    hd = {"fp16-cl": "float16", "bf16-cl": "bfloat16"}.get(half, "bfloat16")
-    tag = half or "bf16-cl"
+    def compile(self) -> dict:
+        """torch.compile (decoder first: the goals), then with CUDA graphs, then the encoder."""
+        import torch
 
-    # CUDA graph of the eager model (one capture per op and size)
-    if cuda and not args.skip_cudagraph:
-        with torch.inference_mode():
-            vae = _build(base, hd, True, device)
-        for op in ops:
-            for size in args.sizes:
-                if not budget.allows(15):
-                    notes.append(f"{tag}+cudagraph {op} {size}: skipped, time budget")
-                    continue
-                try:
-                    fn = _graphed(_op_fn(vae, op), _inputs(op, size, device, vae.dtype, True)[0])
-                    record(f"{tag}+cudagraph", op, size, fn, [None])
-                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                    notes.append(f"{tag}+cudagraph {op} {size}: {type(exc).__name__}: {str(exc)[:200]}")
-        del vae
-        torch.cuda.empty_cache()
-
-    # torch.compile, then torch.compile with CUDA graphs
-    modes = [] if args.skip_compile or (not cuda and not args.compile_on_cpu) else ["default", "reduce-overhead"]
-    if not cuda:
-        modes = modes[:1]
-    for mode in modes:
-        for op in (["decode", "encode"] if not args.compile_decode_only else ["decode"]):
-            for size in args.sizes:
-                need = args.compile_estimate_s * (0.5 if mode == "reduce-overhead" else 1.0)
+        a, notes = self.args, self.result["notes"]
+        tag, hd = self.half
+        if a.skip_compile or (not self.cuda and not a.compile_on_cpu):
+            notes.append("torch.compile: not run" + (" (--skip-compile)" if a.skip_compile else " on a CPU"))
+            return self.result
+        plan = [("default", "decode"), ("reduce-overhead", "decode")] if self.cuda else [("default", "decode")]
+        if not a.compile_decode_only:
+            plan += [("default", "encode")]
+        for mode, op in plan:
+            for size in a.sizes:
+                need = a.compile_estimate_s * (0.5 if mode == "reduce-overhead" else 1.0)
                 name = f"{tag}+compile" + ("+cudagraphs" if mode == "reduce-overhead" else "")
-                if not budget.allows(need):
-                    notes.append(f"{name} {op} {size}: skipped, time budget ({budget.left:.0f} s left, ~{need:.0f} s needed)")
+                if not self.budget.allows(need):
+                    notes.append(f"{name} {op} {size}: skipped, time budget ({self.budget.left:.0f} s left, "
+                                 f"~{need:.0f} s needed)")
                     continue
                 try:
-                    rows_before = len(rows)
-                    _compiled_row(base, hd, mode, op, size, device, record, name)
-                    if len(rows) > rows_before:
-                        pass
+                    _compiled_row(self.base, hd, mode, op, size, self.device, self.record, name)
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"{name} {op} {size}: {type(exc).__name__}: {str(exc)[:300]}")
-                if cuda:
+                if self.cuda:
                     torch.cuda.empty_cache()
-    return {"rows": rows, "notes": notes, "flags": flags, "half_for_fast_paths": tag}
+        return self.result
 
 
 def _best_half(rows) -> str | None:
@@ -641,15 +670,18 @@ def main(argv: list[str] | None = None) -> int:
                                         "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         _write(out, result)
 
-    section("model", lambda: bench_model(base, args, budget, log))
-    half = (result.get("model") or {}).get("half_for_fast_paths", "bf16-cl")
-    section("batching", lambda: bench_batching(base, args, half, log))
+    mb = ModelBench(base, args, budget, log)
+    mb.on_row = lambda: _write(out, result) if "model" in result else None
+    section("model", mb.eager)
+    section("batching", lambda: bench_batching(base, args, mb.half[0], log))
     if args.skip_http:
         result["sections"]["http"] = {"status": "skipped (--skip-http)"}
     elif budget.allows(30):
         section("http", lambda: bench_http(model_dir, args, budget, out, log))
     else:
         result["sections"]["http"] = {"status": "skipped: time budget"}
+    section("compile", lambda: mb.compile() and None)  # its rows go to result["model"]
+    result.pop("compile", None)
     result["goals"] = goals(result)
     meta["seconds"] = time.monotonic() - budget.t0
     md = _write(out, result)

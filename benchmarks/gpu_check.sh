@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 
 WHEELS=(diffusers fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
         typing-inspection typing-extensions anyio annotated-doc uvicorn httptools h11 click python-multipart
-        importlib-metadata zipp litserve pyzmq setuptools)
+        importlib-metadata lazy-importer zipp opentelemetry-api litserve pyzmq websockets watchfiles setuptools)
 WHEEL_DIR=${GPU_WHEELS:-build/gpu-wheels}
 PYBASE=${PYTHON:-python3}
 TOTAL=${GPU_CHECK_TOTAL_S:-450}

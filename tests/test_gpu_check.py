@@ -25,7 +25,7 @@ def test_gpu_check_sh_quick_writes_json_and_markdown(tmp_path):
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["meta"]["quick"] and result["meta"]["device"] == "cpu"
     assert "skipped" in result["tests"] or "deselected" in result["tests"]
-    assert {k: v["status"] for k, v in result["sections"].items()} == {"model": "ok", "batching": "ok", "http": "ok"}
+    assert {k: v["status"] for k, v in result["sections"].items()} == {"model": "ok", "batching": "ok", "http": "ok", "compile": "ok"}
     rows = result["model"]["rows"]
     assert {(r["variant"], r["op"]) for r in rows} == {(v, op) for v in ("fp32", "bf16-cl") for op in ("decode", "encode")}
     assert all(r["median_ms"] > 0 and r["finite"] for r in rows)

@@ -559,6 +559,19 @@ def render_markdown(result: dict) -> str:
         lines += [md_table(["variant", "op", "size", "median ms", "p10-p90 ms", "runs", "compile s", "rel. L2 error",
                             "peak MiB"], rows), ""]
         lines += [f"- {n}" for n in mod.get("notes", [])] + ([""] if mod.get("notes") else [])
+        tag = mod.get("half_for_fast_paths")
+        paths = [tag, f"{tag}+cudagraph", f"{tag}+compile", f"{tag}+compile+cudagraphs"]
+        by = {(r["variant"], r["op"], r["size"]): r["median_ms"] for r in mod["rows"]}
+        keys = sorted({(r["op"], r["size"]) for r in mod["rows"]})
+        if tag and any((p, op, size) in by for p in paths[1:] for op, size in keys):
+            rows = []
+            for op, size in keys:
+                vals = [by.get((p, op, size)) for p in paths]
+                gain = lambda a, b: f"{a / b:.2f}x" if a and b else ""  # noqa: E731
+                rows.append([op, size, *vals, gain(vals[0], vals[1]), gain(vals[2], vals[3])])
+            lines += [f"Do CUDA graphs and torch.compile pay? ({tag}, median ms)", "",
+                      md_table(["op", "size", "eager", "eager + CUDA graph", "compile", "compile + CUDA graphs",
+                                "graph gain, eager", "graph gain, compiled"], rows), ""]
     b = result.get("batching")
     if b:
         lines += [f"Batching in process ({b['dtype']}, channels_last): {b['n']} x {b['side']}^2 decodes one by one "
@@ -586,7 +599,7 @@ def render_markdown(result: dict) -> str:
         lines += [f"- {n}" for n in h.get("notes", [])] + ([""] if h.get("notes") else [])
     for name, sec in result.get("sections", {}).items():
         if sec.get("status") != "ok":
-            lines.append(f"- section {name}: {sec.get('status')}: {sec.get('error', '')}")
+            lines.append(f"- section {name}: {sec.get('status')}" + (f": {sec['error']}" if sec.get("error") else ""))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -115,7 +115,7 @@ else
 fi
 
 echo "== CUDA tests (limit ${TESTS_S} s)"
-timeout -k 10 "$TESTS_S" "$PY" -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+timeout -k 10 "$TESTS_S" "$PY" -m pytest -v -rA -m gpu -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 [ "$tests_rc" -eq 5 ] && tests_rc=0  # nothing selected is not a failure here
 echo "== CUDA tests exit $tests_rc after $((SECONDS - start)) s"
@@ -124,7 +124,7 @@ left=$((TOTAL - (SECONDS - start) - 15))
 [ "$left" -lt 60 ] && left=60
 echo "== benchmarks (budget ${left} s)"
 # shellcheck disable=SC2086
-timeout -k 10 $((left + 45)) "$PY" -m benchmarks.gpu_check "${QUICK[@]}" --out "$OUT" --budget-s "$left" \
+timeout -k 5 $((left + 20)) "$PY" -m benchmarks.gpu_check "${QUICK[@]}" --out "$OUT" --budget-s "$left" \
   --tests-log "$OUT/cuda_tests.log" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
 echo "== done in $((SECONDS - start)) s: tests exit $tests_rc, benchmarks exit $bench_rc; files in $OUT:"

@@ -1,8 +1,13 @@
 """Our service against its peers: the same VAE behind LitServe and behind a plain FastAPI app.
 
-    python -m benchmarks.peers --out benchmarks/results/peers            # the full comparison
+    python -m benchmarks.peers --out benchmarks/results/peers            # the full comparison (bounded:
+                                                                         #   --budget-s, default 90 min)
     python -m benchmarks.peers --quick --out /tmp/peers                  # CI smoke: tiny model, few requests
     python -m benchmarks.report                                          # RESULTS.md from the JSON
+
+On a 2-core CPU the SD-size model at 512x512 takes tens of seconds per float32 request: measure it
+in its own, smaller run (e.g. `--models sd --sizes 256 --waves 1 --name peers-sd`) or with
+`--device cuda`; every JSON in benchmarks/results/peers/ goes into RESULTS.md.
 
 Systems (all answer `POST /decode?shape=...&dtype=float32&image_format=png` with a raw float32
 body and a PNG, so one client drives them all):
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of every server ('unset': leave it)")
     p.add_argument("--rss-cap-gib", type=float, default=8.0, help="a server over this is stopped, its cell fails")
     p.add_argument("--logs", type=Path, default=Path("out/peers-logs"), help="server logs (default out/peers-logs)")
+    p.add_argument("--name", default="peers", help="file stem: OUT/NAME.json and OUT/NAME.md (one per run; "
+                   "python -m benchmarks.report shows every JSON in benchmarks/results/peers/)")
     p.add_argument("--note", default="", help="a sentence printed with the results (e.g. the machine's state)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.torch_threads or os.cpu_count() or 1
     result = run(args, threads)
     md = render_markdown(result)
-    j, m = harness.write_outputs(args.out, "peers", result, md)
+    j, m = harness.write_outputs(args.out, args.name, result, md)
     print(md)
     print(f"\nwrote {j} and {m}")
     failed = [c for c in result["cells"] if c["status"] == "error"]

@@ -58,7 +58,7 @@ def test_report_rewrites_only_its_sections(quick_run, tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmark results\n\nhand-written text\n")
     assert report.begin("peers") in text and report.end("peers") in text and "ours-bf16" in text
-    assert "Not measured yet: `bash benchmarks/gpu_check.sh" in text
+    assert "Not measured yet. Run `bash benchmarks/gpu_check.sh`" in text
     results.write_text(text + "\nmore hand-written text\n")
     assert report.main(argv) == 0  # again: the sections are replaced in place, the rest kept
     again = results.read_text()

@@ -308,20 +308,35 @@ class Server:
     def stop(self, timeout: float = 20) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        members = self.pids()  # the server and its workers, by id, before any of them exits
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group, started above
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the process group this object started
         except ProcessLookupError:
             return
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait(timeout=10)
-        # LitServe's workers may outlive their parent for a moment: the group goes too.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # LitServe's workers may outlive their parent: those of the recorded ids that are still
+        # in this server's process group are stopped too.
+        deadline = time.monotonic() + 5
+        for pid in members[1:]:
+            while _in_group(pid, self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _in_group(pid, self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(parts[2]) == pgid and parts[0] != "Z"
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 # --- numbers and tables -------------------------------------------------------------------------

@@ -325,6 +325,9 @@ def run(args, threads: int) -> dict:
                     rss = s.server.rss_mib()
                     s.server.stop()
                     result["systems"][s.name].setdefault("rss_idle_end_mib", {})[name] = rss
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # the random-weight models made for this run
     for s in systems:
         info = result["systems"].setdefault(s.name, {"kind": s.kind, "preset": s.preset, "argv": _argv_text(s.argv)})
         info["idle_cpu_share"] = s.cpu_idle_s / s.idle_wall_s if s.idle_wall_s else None

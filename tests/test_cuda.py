@@ -5,11 +5,12 @@ diffusers in process for preconditions. Skipped without `torch.cuda.is_available
 Tolerances (stated; PSNR of images in [-1, 1], peak-to-peak 2):
   * half precision against float32, the shipped model, a 256x256 photo's latents:
     bfloat16 >= 40 dB, float16 >= 50 dB (fp16 has 3 more mantissa bits); encoder latents:
-    relative L2 error <= 1e-2 (bf16) / 2e-3 (fp16). On this project's CPU, bfloat16 measured
-    54.6 dB and 2.6e-3.
+    relative L2 error <= 1e-2 (bf16) / 2e-3 (fp16). On this project's CPU: bfloat16 54.6 dB and
+    2.6e-3 (served), float16 74.8 dB and 3.0e-4 (diffusers in process).
   * force_upcast (float16 asked, the config says it overflows): runs in float32, equal to the
     float32 server within 1e-3 (max abs)
-  * NaN retry: a model that overflows in float16 answers finite images equal to float32's within 1e-3
+  * NaN retry: a model that overflows in float16 answers finite images, >= 60 dB against the
+    float32 server's (the retry's float32 copy has float16-rounded weights: 81 dB on a CPU)
   * torch.compile: no worse than 3 dB below eager bfloat16 against float32, and >= 30 dB
   * tiling (`?tiled=true`, 384-pixel tiles) against untiled, a 512x512 photo: >= 28 dB and not
     identical (CPU: 31.9 dB float32, 32.2 dB bfloat16), and its PSNR against the photo at most
@@ -153,6 +154,7 @@ def test_half_precision_matches_float32(servers, half):
     print(f"{half}: decode {psnr:.2f} dB against float32, encode rel. L2 {rel:.2e}")
     assert _describe(servers[half], "shipped")["dtype"] == half
     assert np.isfinite(xh).all()
+    assert "model shipped: non-finite" not in Path(servers[half].log_path).read_text()  # no float32 retry hid it
     assert psnr >= {"bfloat16": 40.0, "float16": 50.0}[half]
     assert rel <= {"bfloat16": 1e-2, "float16": 2e-3}[half]
 
@@ -179,7 +181,7 @@ def test_nan_in_float16_is_retried_in_float32(servers):
     a = _decode(servers["float16"], "overflow", body, shape)
     b = _decode(servers["float32"], "overflow", body, shape)
     assert np.isfinite(a).all()
-    assert float(np.abs(a - b).max()) <= 1e-3
+    assert _psnr(a, b) >= 60.0
     assert "retrying in float32" in Path(servers["float16"].log_path).read_text()
 
 

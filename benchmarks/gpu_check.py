@@ -632,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    harness.exit_on_sigterm()
     q = args.quick
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.model = args.model or ("tiny" if q else "sd")

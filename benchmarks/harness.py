@@ -47,6 +47,12 @@ def vae_command(*args: str) -> list[str]:
     return [sys.executable, "-c", _LAUNCH, *args]
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (e.g. from `timeout`) raises SystemExit in the main thread, so `finally` blocks
+    stop the servers this process started (they run in their own sessions and would outlive it)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers is None:
         args.peers = sorted(PEERS)
     threads = args.torch_threads or os.cpu_count() or 1
+    harness.exit_on_sigterm()
     result = run(args, threads)
     md = render_markdown(result)
     j, m = harness.write_outputs(args.out, args.name, result, md)
@@ -319,6 +320,7 @@ def run(args, threads: int) -> dict:
                                   f"load {rr['loadavg'][0]:.1f}", file=sys.stderr, flush=True)
                     for c in cells.values():
                         result["cells"].append(_summarise(c))
+                    _checkpoint(args, result)
         finally:
             for s in systems:
                 if s.server:
@@ -335,6 +337,15 @@ def run(args, threads: int) -> dict:
     meta["loadavg_end"] = list(os.getloadavg())
     meta["duration_s"] = time.monotonic() - t_begin
     return result
+
+
+def _checkpoint(args, result: dict) -> None:
+    """The files so far (a run cut short keeps every finished cell); the last write replaces them."""
+    partial = {**result, "meta": {**result["meta"], "partial": True, "loadavg_end": list(os.getloadavg())}}
+    try:
+        harness.write_outputs(args.out, args.name, partial, render_markdown(partial))
+    except Exception as exc:  # noqa: BLE001 - a failed checkpoint must not stop the run
+        print(f"peers: could not write a checkpoint: {exc}", file=sys.stderr)
 
 
 def _argv_text(argv: list[str]) -> str:
@@ -424,7 +435,8 @@ def render_markdown(result: dict) -> str:
     lines = [
         "### Our service against LitServe and plain FastAPI (`/decode` to PNG)",
         "",
-        f"Command: `{m['command']}`{' (**quick smoke run: not a measurement**)' if m.get('quick') else ''}. "
+        f"Command: `{m['command']}`{' (**quick smoke run: not a measurement**)' if m.get('quick') else ''}"
+        f"{' (**cut short: the cells below are those that finished**)' if m.get('partial') else ''}. "
         f"{m['time_utc']}, git {m.get('git')}; {m['host_cpu']}, {m['cores']} cores, {m['mem_total_gib']:.1f} GiB; "
         f"device {m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m.get('torch')}, diffusers "
         f"{m.get('diffusers')}, litserve {m.get('litserve')}, fastapi {m.get('fastapi')}.",

@@ -320,10 +320,18 @@ class Server:
         except ProcessLookupError:
             return
         try:
-            self.proc.wait(timeout=timeout)
+            self.proc.wait(timeout=min(2.0, timeout))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            # `vae serve` drains on the first SIGTERM, for up to its grace period (30 s), even
+            # when idle; a second signal is uvicorn's fast exit.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
         # LitServe's workers may outlive their parent: those of the recorded ids that are still
         # in this server's process group are stopped too.
         deadline = time.monotonic() + 5

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -381,7 +380,7 @@ def bench_http(model_dir: Path, args, budget: Budget, out: Path, log) -> dict:
     try:
         for s in servers:
             s.wait_ready(timeout=max(60.0, min(300.0, budget.left)))
-            res["servers"][s.name] = {"argv": " ".join(s.argv[3:]), "ready_s": s.ready_s}
+            res["servers"][s.name] = {"argv": "vae " + " ".join(s.argv[3:]), "ready_s": s.ready_s}
         log(f"http: servers ready in {batched.ready_s:.1f} / {single.ready_s:.1f} s")
         for size in args.http_sizes:
             body, shape = harness.encode_latents(batched.url, harness.photo(size))
@@ -580,10 +579,14 @@ def render_markdown(result: dict) -> str:
     h = result.get("http")
     if h:
         if h.get("e2e"):
-            lines += ["HTTP `/decode` end to end (`vae serve`, sequential requests): medians per request in ms. "
-                      "model = compute stage; codec = deserialize (read + parse the body) + serialize (image or "
-                      "tensor encoding); framework = server time outside the stages; transport = client time "
-                      "minus the server's whole-request time (loopback, client parsing).", ""]
+            argv = (h.get("servers", {}).get("batched") or {}).get("argv", "")
+            lines += [f"HTTP `/decode` end to end (`{argv}`; sequential requests, latents of a photo from its "
+                      "/encode): medians per request in ms (each column its own median: they need not add up). "
+                      "model = compute stage (forward pass and copy to the host); codec = deserialize (read + "
+                      "parse the body) + serialize (image or tensor encoding); queue includes the batch wait "
+                      "(--batch-wait-ms, 2 ms) a lone request spends; framework = server time outside the "
+                      "stages; transport = client time minus the server's whole-request time (loopback, "
+                      "client parsing).", ""]
             rows = [[r["size"], r["format"], r["client_ms"], r["model_ms"], r["codec_ms"], r["queue_ms"],
                      r["framework_ms"], r["transport_ms"], f"{r['non_model_share'] * 100:.1f} %", r["bytes_out"], r["runs"]]
                     for r in h["e2e"]]

@@ -541,7 +541,7 @@ def render_markdown(result: dict) -> str:
         "",
     ]
     if result.get("tests"):
-        lines += [f"CUDA tests (`pytest -m gpu tests/test_cuda.py`): {result['tests']}", ""]
+        lines += [f"CUDA tests (`pytest -m gpu tests/benchmarks/test_cuda.py`): {result['tests']}", ""]
     g = result.get("goals", [])
     if g:
         lines += [md_table(["goal", "target", "measured", "met"],

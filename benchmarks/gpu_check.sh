@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 14: the CUDA tests (tests/test_cuda.py, marker gpu) and the GPU
+# The prepared GPU check of issue 14: the CUDA tests (tests/benchmarks/test_cuda.py, marker gpu) and the GPU
 # benchmarks (benchmarks/gpu_check.py), JSON + Markdown + logs written to $OUT. Sized to finish
 # within 8 minutes on a lent H100 or H200 (GPU_CHECK_TOTAL_S, default 450 s, bounds it).
 #
@@ -16,7 +16,7 @@
 #    It makes a virtualenv with --system-site-packages (reusing the machine's torch; a .pth file
 #    reaches it when python3 is itself a virtualenv), installs the wheels with
 #    `pip install --no-index --find-links build/gpu-wheels` and the project (editable, no deps),
-#    runs `pytest -m gpu tests/test_cuda.py`, then `python -m benchmarks.gpu_check` with the time
+#    runs `pytest -m gpu tests/benchmarks/test_cuda.py`, then `python -m benchmarks.gpu_check` with the time
 #    that is left. Files in $OUT: setup.log, cuda_tests.log, gpu_check.log, gpu_check.json,
 #    gpu_check.md, servers.log. Copy gpu_check.json to benchmarks/results/gpu/ and run
 #    `python -m benchmarks.report` to put it into benchmarks/RESULTS.md.
@@ -115,7 +115,7 @@ else
 fi
 
 echo "== CUDA tests (limit ${TESTS_S} s)"
-timeout -k 10 "$TESTS_S" "$PY" -m pytest -v -rA -m gpu -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+timeout -k 10 "$TESTS_S" "$PY" -m pytest -v -rA -m gpu -p no:cacheprovider tests/benchmarks/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 tests_rc=${PIPESTATUS[0]}
 [ "$tests_rc" -eq 5 ] && tests_rc=0  # nothing selected is not a failure here
 echo "== CUDA tests exit $tests_rc after $((SECONDS - start)) s"

@@ -9,7 +9,7 @@ from fastapi import Depends, Request, Response
 from litserve.callbacks.base import EventTypes
 from litserve.server import RegularRequestHandler
 
-from benchmarks.peer_apps import _set_threads, latents_from, load_vae, png_of
+from benchmarks.peer_common import _set_threads, latents_from, load_vae, png_of
 
 
 class VAEDecodeAPI(ls.LitAPI):

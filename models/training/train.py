@@ -143,12 +143,14 @@ def main(argv=None) -> int:
         except ValueError as exc:
             return fail(PROG, f"{exc}; move it away to start over, or restore a copy")
         saved = state["args"]
-        conflicts = recipe_conflicts(given_options(argv), saved, vars(args))
+        defaults = {a.dest: a.default for a in build_parser()._actions if a.default is not argparse.SUPPRESS}
+        conflicts = recipe_conflicts(given_options(argv), saved, defaults)
         if conflicts:
             return fail(PROG, f"--resume continues the recipe saved in {ckpt_path}; these options differ from it: "
                               f"{'; '.join(conflicts)}. Drop them, or train into another --out")
-        # The run's recipe comes from the checkpoint; only length/logging may change on resume.
-        args = argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RESUMABLE},
+        # The run's recipe comes from the checkpoint (defaults for options it predates); only
+        # length/logging may change on resume.
+        args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in RESUMABLE},
                                      "resume": True})
     else:
         if ckpt_path.exists():

@@ -60,9 +60,9 @@ def latents(z: torch.Tensor, model: VAEModel, max_pixels: int, info: LatentInfo 
     if z.dtype == torch.uint8 and info is not None and info.quant_scale is not None:
         if len(info.quant_scale) != z.shape[1]:
             raise BadRequest(f"`quant_scale` has {len(info.quant_scale)} values for {z.shape[1]} latent channels")
+        z = dequantize_uint8(z, info.quant_scale, info.quant_offset)  # still scaled if it was
     if info is not None and info.latents_mean is not None and len(info.latents_mean) != z.shape[1]:
         raise BadRequest(f"`latents_mean` has {len(info.latents_mean)} values for {z.shape[1]} latent channels")
-        z = dequantize_uint8(z, info.quant_scale, info.quant_offset)  # still scaled if it was
     if not z.is_floating_point():
         raise Unprocessable(f"latents must be float32, float16 or bfloat16, got {wire.dtype_name(z.dtype)}")
     f = model.downsample_factor

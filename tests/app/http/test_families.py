@@ -226,3 +226,25 @@ def test_the_page_is_served_and_draws_one_canvas_per_channel(url):
     assert requests.get(f"{url}/", timeout=30).status_code == 200
     js = requests.get(f"{url}/static/app.js", timeout=30)
     assert js.status_code == 200 and "for (let k = 0; k < c; k++)" in js.text
+
+
+def test_uint8_latents_and_per_channel_metadata_through_decode(url, refs, image):
+    """A uint8-quantised 16-channel tensor (per-channel scale / offset, as `vae encode --quantize uint8`
+    stores it) decodes like its dequantised floats; per-channel statistics must fit the channels."""
+    import safetensors.torch
+
+    from models.vae.latents import dequantize_uint8, quantize_uint8
+
+    ref = refs["flux"]
+    q, scale, offset = quantize_uint8(encode_ref(ref, imaging.to_tensor(image)))
+    params = {"model": "flux", "output_type": "pt", "partial_postprocess": "true"}
+    headers = {"Content-Type": "application/x-safetensors", "Accept": "tensor/binary"}
+    meta = {"scaled": "false", "quant_scale": json.dumps(scale), "quant_offset": json.dumps(offset)}
+    r = requests.post(f"{url}/decode", params=params, headers=headers, timeout=60,
+                      data=safetensors.torch.save({"latents": q}, metadata=meta))
+    assert r.status_code == 200, r.text
+    assert torch.equal(VAEClient._tensor(r), imaging.to_uint8(decode_ref(ref, dequantize_uint8(q, scale, offset))))
+    meta = {"scaled": "true", "scaling_factor": "0.5", "latents_mean": "[0, 0, 0, 0]", "latents_std": "[1, 1, 1, 1]"}
+    r = requests.post(f"{url}/decode", params=params, headers=headers, timeout=60,
+                      data=safetensors.torch.save({"latents": torch.zeros(1, 16, 4, 4)}, metadata=meta))
+    assert r.status_code == 400 and "`latents_mean` has 4 values for 16 latent channels" in r.text

@@ -164,3 +164,15 @@ def test_single_file_checkpoints_are_autoencoderkl_only(family_dirs, tmp_path):
     weights.write_bytes((family_dirs["taesd"] / "diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(ModelLoadError, match="single-file checkpoints are AutoencoderKL only"):
         load_weights(weights, config=family_dirs["taesd"])
+
+
+def test_flux_single_file_loads_with_its_config(family_dirs, tmp_path, image_tensor):
+    """FLUX's `ae.safetensors` layout (LDM keys, no quant convs, 16 channels) with the folder's config."""
+    from models.vae.export import export_single_file
+
+    ref = family_reference(family_dirs["flux"])
+    path = export_single_file(ref, tmp_path / "ae.safetensors")
+    model = VAEModel.load("flux", path, config=family_dirs["flux"])
+    assert model.layout == "single_file" and model.latent_channels == 16 and model.shift_factor == 0.1159
+    with torch.no_grad():
+        assert torch.equal(model.encode(image_tensor), diffusers_latents(ref, image_tensor))

@@ -319,3 +319,16 @@ def test_error_500_hides_traceback(models, monkeypatch):
         assert_error(r, 500, "internal_error", "internal server error")
         assert "secret" not in r.text
         assert c.get("/healthz").status_code == 200  # still serving
+
+
+def test_non_finite_results_are_never_a_200(client):
+    """Finite latents far outside what the model decodes overflow to NaN / Inf (issue 12, finding 5):
+    a 422 naming it, for images, tensors and frames."""
+    huge = torch.full((1, 4, 2, 2), 3e38)
+    for params in ({"output_type": "pt"}, {"output_type": "pil"}, {"output_type": "pt", "partial_postprocess": True}):
+        r = client.post("/decode", content=wire.tensor_to_raw(huge), headers={"Content-Type": "tensor/binary"},
+                        params={**raw_params(huge), **params})
+        assert_error(r, 422, "unprocessable", "NaN or Inf")
+    part = ("z.safetensors", safetensors.torch.save({"latents": huge}), wire.SAFETENSORS)
+    r = client.post("/interpolate", files={"a": part, "b": part}, params={"steps": 2, "output": "tensor"})
+    assert_error(r, 422, "unprocessable", "NaN or Inf")

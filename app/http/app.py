@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
-from app.http import middleware, openapi_doc, page
+from app.http import cost, middleware, openapi_doc, page
 from app.http.endpoint import mount
 from app.http.endpoints import ENDPOINTS
 from app.http.errors import install_error_handlers
@@ -24,6 +24,7 @@ from app.http.observability import Metrics
 from app.http.registry import ModelRegistry
 from app.http.scheduler import Scheduler
 from app.http.settings import Settings
+from models.vae.loading import ModelLoadError
 
 DOCS_ASSETS = "/static-docs"  # Swagger UI / ReDoc files (public, like the page's /static)
 
@@ -36,6 +37,14 @@ def default_batch_size(settings: Settings) -> int:
     return 8 if str(settings.device).startswith("cuda") else 1
 
 
+def limits_of(settings: Settings) -> dict:
+    """What a client may send, as GET /v1/models states it (docs/operations.md, "Limits")."""
+    return {"max_cost_gflop": settings.max_cost, "max_pixels": settings.max_pixels,
+            "max_latent_elements": settings.max_latent_elements, "max_body_bytes": settings.max_body_bytes,
+            "max_json_bytes": settings.max_json_bytes, "body_timeout_s": settings.body_timeout,
+            "request_timeout_s": settings.request_timeout}
+
+
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The service. Loads `settings.models` unless a ready `registry` is given (ModelLoadError on failure)."""
     settings = settings or Settings()
@@ -45,10 +54,14 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.warmup:
-            for model in registry.models.values():
-                await anyio.to_thread.run_sync(model.warmup, limiter=app.state.limiter)
-        app.state.ready = True
+        try:
+            if settings.warmup:
+                for model in registry.models.values():
+                    await anyio.to_thread.run_sync(model.warmup, limiter=app.state.limiter)
+        except ModelLoadError as exc:  # never ready; `vae serve` exits 2 with this line
+            app.state.startup_error = str(exc)
+        else:
+            app.state.ready = True
         yield
 
     # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc assets served from here (fastapi-offline
@@ -57,6 +70,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                          description="Encode images to Stable-Diffusion VAE latents and decode them back.")
     state = app.state
     state.settings, state.registry, state.ready, state.draining, state.http_in_flight = settings, registry, False, False, 0
+    state.startup_error = None
     state.limiter = anyio.CapacityLimiter(max(1, settings.model_threads))
     state.metrics = Metrics()
     state.metrics.describe_models(registry)
@@ -78,13 +92,21 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def readyz():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if state.startup_error:
+            return JSONResponse({"status": "failed", "error": state.startup_error}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ready", "models": list(registry.models)}
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD: probes that read no body
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
+    costs = {name: cost.cost_model(m) for name, m in registry.models.items()}  # FLOP fits, counted once
+
     @app.get("/v1/models")
     async def list_models():
-        return {"default": registry.default, "models": [m.describe() for m in registry.models.values()]}
+        return {"default": registry.default, "limits": limits_of(settings),
+                "models": [{**m.describe(), "cost": cost.describe(costs[m.name])} for m in registry.models.values()]}
 
     page.install(app)
     return app

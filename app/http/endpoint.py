@@ -26,6 +26,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from app.http import validation
 from app.http.batching import BatchSpec, make_work
 from app.http.observability import route_of
 from app.http.scheduler import Work
@@ -93,4 +94,9 @@ async def run(endpoint: Endpoint, request: Request, q: Any) -> Response:
     stages.labels(route, "queue").observe(max(0.0, work.started - work.enqueued))
     stages.labels(route, "compute").observe(max(0.0, work.finished - work.started))
     with stage(request, "serialize"):
-        return await anyio.to_thread.run_sync(endpoint.encode_response, result, req)
+        return await anyio.to_thread.run_sync(_serialize, endpoint, result, req)
+
+
+def _serialize(endpoint: Endpoint, result: Any, req: Any) -> Response:
+    validation.finite_result(result)  # NaN or Inf out of the model: 422, never a 200
+    return endpoint.encode_response(result, req)

@@ -32,5 +32,6 @@ class ModelRegistry:
     def get(self, name: str | None) -> VAEModel:
         model = self.models.get(name or self.default)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}: available {', '.join(self.models)}")
+            shown = name if len(name) <= 60 else name[:57] + "..."  # never echoed in full
+            raise ModelNotFound(f"unknown model {shown!r}: available {', '.join(self.models)}")
         return model

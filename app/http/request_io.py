@@ -8,27 +8,37 @@ format (app.protocol.wire, chosen by Accept).
 from __future__ import annotations
 
 import json
+import time
 
+import anyio
 import torch
 from fastapi import Request
 from fastapi.responses import Response
 
 from app.http import limits
 from app.protocol import wire
-from app.protocol.errors import BadRequest
+from app.protocol.errors import BadRequest, RequestTimeout
 from models.vae import imaging
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) more than `limit` bytes before reading them when possible."""
+    """The whole body, refusing (413) more than `limit` bytes before reading them when possible,
+    and (408, connection closed) a body not complete `body_timeout` seconds after the request came."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit():
         wire.check_size(int(declared), limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        wire.check_size(size, limit)
-        chunks.append(chunk)
+    timeout = request.app.state.settings.body_timeout
+    arrived = getattr(request.state, "t0", time.monotonic())
+    try:
+        with anyio.fail_after(max(0.0, arrived + timeout - time.monotonic())):
+            async for chunk in request.stream():
+                size += len(chunk)
+                wire.check_size(size, limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s ({size} bytes came)",
+                             {"Connection": "close"}) from None
     body = b"".join(chunks)
     request._body = body  # Starlette re-reads a consumed stream from here (needed by request.form())
     return body

@@ -8,7 +8,9 @@ with fewer rows waits at most `max_wait` for companions before it runs anyway.
 
 Backpressure: more than `max_queue` waiting items -> Unavailable (503) with Retry-After at
 once, never an unbounded wait. A client that goes away, or whose deadline passes, has its
-waiting work removed before it reaches the model.
+waiting work removed before it reaches the model, and its running work stopped at the next tile
+or frame (models.vae.tiling.stop_when), which frees the slot. `abort` (past the shutdown grace
+period) answers every waiting and running request at once and stops the running work the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from typing import Any, Awaitable, Callable, Hashable
 import anyio
 
 from app.protocol.errors import DeadlineExceeded, Unavailable
+from models.vae import tiling
 
 
 @dataclass(eq=False)
@@ -34,6 +38,7 @@ class Work:
     rows: int = 1  # batch rows this request adds
     merge: Callable[[list], tuple[Any, Callable[[Any], list]]] | None = None  # reqs -> (req, split)
     future: asyncio.Future | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next tile or frame
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     finished: float = 0.0
@@ -58,6 +63,7 @@ class Scheduler:
         self.hooks = hooks or SchedulerHooks()
         self.buckets: dict[Hashable, deque[Work]] = {}
         self.running = 0  # requests whose model work has started and not finished
+        self._running: set[Work] = set()
         self.closed = False  # draining: refuse new work
         self._solo = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,8 +121,22 @@ class Scheduler:
             if watcher:
                 watcher.cancel()
 
+    def abort(self, error: Callable[[], BaseException]) -> int:
+        """Refuse new work; every waiting and running request gets `error()` now, and running work
+        stops at its next tile or frame. Returns how many requests were answered."""
+        self.closed = True
+        waiting = [w for q in self.buckets.values() for w in q]
+        self.buckets.clear()
+        self._changed()
+        for work in waiting + list(self._running):
+            work.stop.set()
+            if work.future is not None and not work.future.done():
+                work.future.set_exception(error())
+        return len(waiting) + len(self._running)
+
     def _drop(self, work: Work, reason: str) -> None:
-        """Remove waiting work from its bucket; work already running finishes, unread."""
+        """Remove waiting work from its bucket; work already running stops at its next tile or frame."""
+        work.stop.set()
         q = self.buckets.get(work.key)
         if q is not None and work in q:
             q.remove(work)
@@ -178,13 +198,16 @@ class Scheduler:
 
     async def _execute(self, batch: list[Work]) -> None:
         self.running += len(batch)
+        self._running.update(batch)
         self.hooks.running(self.running)
         self.hooks.batch(len(batch))
         try:
-            results = await anyio.to_thread.run_sync(_compute, batch, limiter=self.limiter)
+            # abandon_on_cancel: at shutdown the event loop does not wait for a model call to end.
+            results = await anyio.to_thread.run_sync(_compute, batch, limiter=self.limiter, abandon_on_cancel=True)
         except BaseException as exc:  # noqa: BLE001 - cancelled at shutdown: fail the waiters
             results = [exc] * len(batch)
         finally:
+            self._running.difference_update(batch)
             self.running -= len(batch)
             self.hooks.running(self.running)
             self._slots.release()
@@ -200,7 +223,27 @@ class Scheduler:
                 work.future.set_result(result)
 
 
+_busy = 0  # model calls running in worker threads (a cancelled event loop may have left them)
+_busy_lock = threading.Lock()
+
+
+def busy_threads() -> int:
+    """Worker threads still inside a model call (`vae serve` does not wait for them past its deadline)."""
+    return _busy
+
+
 def _compute(batch: list[Work]) -> list:
+    global _busy
+    with _busy_lock:
+        _busy += 1
+    try:
+        return _compute_batch(batch)
+    finally:
+        with _busy_lock:
+            _busy -= 1
+
+
+def _compute_batch(batch: list[Work]) -> list:
     """Worker thread: one forward pass for the whole batch; on failure each request alone, so
     one bad request cannot fail its companions."""
     started = time.monotonic()
@@ -209,14 +252,18 @@ def _compute(batch: list[Work]) -> list:
     results: list = []
     if len(batch) > 1:
         try:
-            merged, split = batch[0].merge([w.req for w in batch])
-            results = split(batch[0].fn(merged))
+            with tiling.stop_when(lambda: all(w.stop.is_set() for w in batch)):
+                merged, split = batch[0].merge([w.req for w in batch])
+                results = split(batch[0].fn(merged))
+        except tiling.Stopped as exc:  # every request of the batch was abandoned
+            results = [exc] * len(batch)
         except Exception:  # noqa: BLE001
             results = []
     if not results:
         for w in batch:
             try:
-                results.append(w.fn(w.req))
+                with tiling.stop_when(w.stop.is_set):
+                    results.append(w.fn(w.req))
             except Exception as exc:  # noqa: BLE001 - delivered to that request's handler
                 results.append(exc)
     finished = time.monotonic()

@@ -45,10 +45,15 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="log level (uvicorn and the service)")
     # --- limits, queue and shutdown (docs/operations.md) ---
     max_latent_elements: int = Field(4 * 4 * 256 * 256, ge=1, description="N*C*h*w limit of latents in or out")
+    max_cost: float = Field(11_000.0, gt=0, description=(
+        "estimated compute per request in GFLOP, counted from what it will run (padded size, tiles and "
+        "tiling passes, frames, samples; GET /v1/models); above it 413. The default admits a 2048x2048 "
+        "/roundtrip of the shipped model (10,189 GFLOP)"))
     max_json_bytes: int = Field(8 * 1024 * 1024, ge=1024,
                                 description="JSON tensor bodies, which cost ~15 bytes of memory per byte once parsed")
     image_formats: CommaList = Field(["png", "jpeg", "webp"], description="accepted upload formats (allow-list)")
     request_timeout: float = Field(300.0, gt=0, description="seconds from arrival to the end of model work, else 504")
+    body_timeout: float = Field(60.0, gt=0, description="seconds from arrival for the whole request body, else 408")
     max_queue: int = Field(64, ge=1, description="model work waiting for a worker; beyond it 503 + Retry-After")
     max_batch_size: int | None = Field(None, ge=1, le=256, description="dynamic batching limit (default: 1 on CPU, 8 on CUDA)")
     batch_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a partial batch waits for companions")

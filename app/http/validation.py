@@ -2,8 +2,9 @@
 
 Parsing (bytes -> tensor) is app.protocol.wire's; query parameters are typed and bounded by each
 endpoint's query model. Here: does the tensor fit the model (rank, channels, dtype, finite,
-range), does the metadata follow the latent contract (models.vae.latents), and does the output
-stay within the server's pixel limit. Every refusal is an APIError naming what was wrong.
+range), does the metadata follow the latent contract (models.vae.latents), does the output
+stay within the server's pixel limit, and is the model's result finite (`finite_result`: every
+endpoint's result passes it before it is answered). Every refusal is an APIError naming what was wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from models.vae.latents import LatentInfo, LatentMetadataError, dequantize_uint8
 def check_finite(t: torch.Tensor, what: str) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise Unprocessable(f"{what} contains NaN or Inf")
+
+
+def finite_result(result) -> None:
+    """A model result (a tensor, or a tuple of them) holding NaN or Inf is never answered 200."""
+    for t in result if isinstance(result, (tuple, list)) else (result,):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise Unprocessable("the model's output holds NaN or Inf for this input: its values are outside "
+                                "what the model can decode (or the scaling factors do not match them)")
 
 
 def image_tensor(x: torch.Tensor, model: VAEModel, max_pixels: int) -> torch.Tensor:

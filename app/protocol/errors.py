@@ -1,8 +1,9 @@
 """Error types of the HTTP API, shared by the server and the client (no web framework here).
 
-400 malformed request, 404 unknown model, 413 too large, 415 unsupported format, 422 a tensor or
-request that parses but cannot be served (shape, channels, dtype, NaN/Inf), 401 no or wrong API key,
-503 queue full or shutting down (with Retry-After), 504 deadline passed. The body of every error
+400 malformed request, 404 unknown model, 408 body not received in time, 413 too large (body,
+pixels, elements, or a request whose estimated compute is over the budget), 415 unsupported format,
+422 a tensor or request that parses but cannot be served (shape, channels, dtype, NaN/Inf in or out),
+401 no or wrong API key, 503 queue full or shutting down (with Retry-After), 504 deadline passed. The body of every error
 is `{"error": {"type", "message"}}` (`error_body`); app.http.errors installs the handlers.
 """
 
@@ -29,6 +30,14 @@ class ModelNotFound(APIError):
 
 class PayloadTooLarge(APIError):
     status, type = 413, "payload_too_large"
+
+
+class RequestTimeout(APIError):
+    status, type = 408, "request_timeout"  # the body did not arrive in time (the connection is closed)
+
+
+class CostTooHigh(APIError):
+    status, type = 413, "cost_too_high"  # estimated compute above settings.max_cost
 
 
 class UnsupportedMediaType(APIError):

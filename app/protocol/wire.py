@@ -231,7 +231,7 @@ def tensor_from_npy(body: bytes, limits: TensorLimits | None = None) -> torch.Te
             raise ValueError(f"npy format version {version} is not supported (1.0 or 2.0)")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(fp, max_header_size=10_000)
-    except (ValueError, TypeError, SyntaxError, OverflowError) as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
         raise BadRequest(f"malformed npy body: {_short(str(exc), 120)}".replace("\n", " ")) from None
     native = dtype.newbyteorder("=") if dtype.byteorder not in ("|", "=") else dtype
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or native not in _NPY_DTYPES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,11 +63,13 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               check_size: Callable[[int, int], None] | None = None) -> Image.Image:
     """Decode PNG / JPEG / WebP bytes (or a file) into an 8-bit RGB image with EXIF orientation applied.
 
     Raises ImageError: 'unsupported' for other formats, 'too_large' above `max_pixels`,
-    'corrupt' for undecodable or truncated data.
+    'corrupt' for undecodable or truncated data. `check_size(width, height)` runs on the header's
+    size before any pixel is decoded (e.g. a cost check that raises).
     """
     if isinstance(data, (str, Path)):
         data = Path(data).read_bytes()
@@ -80,6 +83,8 @@ def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -
             raise ImageError(
                 "too_large", f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}"
             )
+        if check_size is not None:
+            check_size(width, height)
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb8(img)

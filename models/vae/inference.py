@@ -38,7 +38,7 @@ import torch
 
 from models.vae import tiling
 from models.vae.imaging import crop_to, pad_to_multiple
-from models.vae.loading import LoadedWeights, load_weights, resolve_dtype
+from models.vae.loading import LoadedWeights, ModelLoadError, load_weights, resolve_dtype
 
 log = logging.getLogger("vae.inference")
 
@@ -111,6 +111,7 @@ class VAEModel:
             self.vae.tile_sample_min_size = self.tile_size
             self.vae.tile_latent_min_size = self.tile_size // f
             self.vae.tile_overlap_factor = self.tile_overlap
+        tiling.install_stop_checks(self.vae)  # tiling.stop_when: stop at the next tile or frame
         self.compiled = bool(compile)
         if self.compiled:
             self.vae.encoder.compile()
@@ -241,7 +242,7 @@ class VAEModel:
                     vae.tile_overlap_factor = self.vae.tile_overlap_factor
                     if self.tile_norm_passes > 1:
                         tiling.install(vae)
-                self._fp32_vae = vae
+                self._fp32_vae = tiling.install_stop_checks(vae)
         return self._fp32_vae
 
     def _prepare(self, t: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
@@ -314,7 +315,8 @@ class VAEModel:
         return x.contiguous()
 
     def warmup(self, size: int | None = None) -> None:
-        """Encode + decode once so first requests do not pay for lazy initialisation.
+        """Encode + decode once so first requests do not pay for lazy initialisation, then check
+        that a fixed latent decodes to finite pixels (ModelLoadError otherwise).
 
         A compiled model is warmed at `size` (default 256) so the compiled graphs exist before
         /readyz turns ready; otherwise a tiny image is enough.
@@ -322,3 +324,7 @@ class VAEModel:
         f = self.downsample_factor
         side = size or (256 if self.compiled else 2 * f)
         self.decode(self.encode(torch.zeros(1, self.in_channels, side, side)))
+        # A fixed latent must decode to finite pixels: finite weights can still overflow (fp16).
+        z = torch.randn(1, self.latent_channels, side // f, side // f, generator=torch.Generator().manual_seed(0))
+        if not torch.isfinite(self.decode(z)).all():
+            raise ModelLoadError(f"model {self.name!r}: a fixed latent decodes to NaN or Inf pixels in warm-up")

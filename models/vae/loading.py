@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,14 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | Path | None)
     else:
         try:  # weights_only: never unpickle arbitrary objects
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False: not here
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            raise ModelLoadError(f"unsafe checkpoint {path}: it holds Python objects, not only tensors"
+                                 f"{f' ({found.group(1)})' if found else ''}; this service loads weights only: "
+                                 "convert it to .safetensors") from None
         except Exception as exc:
-            raise ModelLoadError(f"corrupt or unsafe checkpoint {path}: {exc}".replace("\n", " ")) from None
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"corrupt checkpoint {path}: {reason}") from None
         while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
             checkpoint = checkpoint["state_dict"]
         if not isinstance(checkpoint, dict):
@@ -282,7 +289,15 @@ def load_weights(
         loaded = _load_hub(str(source), torch_dtype)
     else:
         raise ModelLoadError(f"model path {source} does not exist")
+    _check_finite(loaded)
     if dev.type != "cpu":  # dtype was applied by the loaders (torch_dtype=...)
         loaded.vae = loaded.vae.to(dev)
     loaded.vae.eval().requires_grad_(False)
     return loaded
+
+
+def _check_finite(loaded: LoadedWeights) -> None:
+    """Weights holding NaN or Inf would answer NaN to every request: refuse them at load."""
+    bad = [name for name, t in loaded.vae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelLoadError(f"weights {loaded.path} hold NaN or Inf in {len(bad)} tensors (e.g. {bad[0]})")

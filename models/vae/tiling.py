@@ -19,6 +19,11 @@ numbers per group are kept); time is about twice a tiled forward.
 
 The GroupNorm modules get a small wrapper (installed once, `install`) that does nothing unless
 this thread is inside `shared_group_norm`, so untiled calls in other threads are unaffected.
+
+Stopping: inside `stop_when(should_stop)`, every encoder / decoder call (one per tile, one per
+frame of a caller's loop) first asks `should_stop()` and raises `Stopped` when it says so: work
+whose client left or whose deadline passed ends at the next tile or frame, not at the end
+(`install_stop_checks`, once per model; nothing happens outside `stop_when`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,39 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_state = threading.local()  # .stats: the _Stats of the tiled call running in this thread, if any
+_state = threading.local()  # .stats: the _Stats of the tiled call in this thread; .should_stop: see stop_when
+
+
+class Stopped(Exception):
+    """A model call stopped at a tile or frame boundary because its caller asked (`stop_when`)."""
+
+
+@contextlib.contextmanager
+def stop_when(should_stop: Callable[[], bool] | None):
+    """Inside (this thread): encoder / decoder calls of models with `install_stop_checks` raise
+    Stopped before running when `should_stop()` is true."""
+    previous = getattr(_state, "should_stop", None)
+    _state.should_stop = should_stop
+    try:
+        yield
+    finally:
+        _state.should_stop = previous
+
+
+@torch.compiler.disable
+def _check_stop(module, args) -> None:
+    should_stop = getattr(_state, "should_stop", None)
+    if should_stop is not None and should_stop():
+        raise Stopped("stopped at a tile or frame boundary: the request was abandoned")
+
+
+def install_stop_checks(vae: nn.Module) -> nn.Module:
+    """A `stop_when` check before every call of the model's encoder and decoder (idempotent)."""
+    for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
+        if part is not None and not getattr(part, "_stop_check", False):
+            part.register_forward_pre_hook(_check_stop)
+            part._stop_check = True
+    return vae
 
 
 class _Stats:

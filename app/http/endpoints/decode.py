@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field
 
-from app.http import limits, validation
+from app.http import cost, limits, validation
 from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
 from app.http.endpoints.query import ImageOutQuery, ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
@@ -80,6 +80,7 @@ class Decode(Endpoint):
             z = validation.unpack(z, model, q.height, q.width)
         z = validation.latents(z, model, settings.max_pixels, info)
         limits.check_latent_elements(z.shape, settings.max_latent_elements)
+        cost.admit(settings.max_cost, cost.cost_model(model).decode(z.shape[0], *z.shape[-2:], q.tiled))
         # Explicit factors win (diffusers' remote_decode); do_scaling alone means "the model's own";
         # else the body's own metadata, when it says the latents are scaled (the latent contract).
         scale, shift, stats = q.scaling_factor, q.shift_factor, (None, None)

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field
 
-from app.http import limits, validation
+from app.http import cost, limits, validation
 from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
 from app.http.endpoints.query import ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
@@ -67,9 +67,14 @@ class Encode(Endpoint):
             x, _ = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype, limits_)
             x = validation.image_tensor(x, model, settings.max_pixels)
             limits.check_latent_elements(limits.encode_latent_shape(x.shape, model), settings.max_latent_elements)
+            cost.admit(settings.max_cost, cost.cost_model(model).encode(x.shape[0], *x.shape[-2:], q.tiled))
         else:
             data = await read_image_bytes(request, settings.max_body_bytes)
-            x = await anyio.to_thread.run_sync(_image_tensor, data, settings.max_pixels)
+
+            def admit(width: int, height: int) -> None:  # from the image header, before decoding it
+                cost.admit(settings.max_cost, cost.cost_model(model).encode(1, height, width, q.tiled))
+
+            x = await anyio.to_thread.run_sync(_image_tensor, data, settings.max_pixels, admit)
         out_name = q.output_dtype or (None if is_tensor else q.dtype) or "float32"
         out_dtype = wire.parse_dtype(out_name)
         if not out_dtype.is_floating_point:
@@ -97,5 +102,5 @@ class Encode(Endpoint):
         return tensor_response(z, req.accept, "latents", meta, headers)
 
 
-def _image_tensor(data: bytes, max_pixels: int) -> torch.Tensor:
-    return imaging.to_tensor(imaging.open_image(data, max_pixels=max_pixels))
+def _image_tensor(data: bytes, max_pixels: int, check_size=None) -> torch.Tensor:
+    return imaging.to_tensor(imaging.open_image(data, max_pixels=max_pixels, check_size=check_size))

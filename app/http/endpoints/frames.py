@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from app.http import validation
 from app.protocol.errors import PayloadTooLarge, Unprocessable
 from models.vae import imaging
 from models.vae.inference import VAEModel
@@ -35,8 +36,15 @@ def strip(frames: torch.Tensor):
 
 
 def decode_frames(model: VAEModel, z: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    # One latent at a time: peak memory of one decode, whatever the number of frames.
-    return torch.cat([imaging.to_uint8(model.decode(z[i : i + 1], size)) for i in range(z.shape[0])])
+    """One latent at a time: peak memory of one decode, whatever the number of frames (and each
+    frame a boundary where abandoned work stops, models.vae.tiling.stop_when); each checked finite
+    before it becomes uint8 pixels."""
+    out = []
+    for i in range(z.shape[0]):
+        x = model.decode(z[i : i + 1], size)
+        validation.finite_result(x)
+        out.append(imaging.to_uint8(x))
+    return torch.cat(out)
 
 
 def frame_headers(model: VAEModel, frames: torch.Tensor, latent_shape) -> dict[str, str]:

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field
 
-from app.http import validation
+from app.http import cost, validation
 from app.http.endpoint import Endpoint
 from app.http.endpoints import frames
 from app.http.endpoints.query import ModelQuery
@@ -91,6 +91,10 @@ class Interpolate(Endpoint):
         f = model.downsample_factor
         size = target or parts[0].size or tuple(s * f for s in parts[0].z.shape[-2:])
         frames.check_pixels(*size, q.steps, settings.max_pixels)
+        costs = cost.cost_model(model)
+        latent = (target[0] // f, target[1] // f) if target else _latent_size(parts[0], f)
+        cost.admit(settings.max_cost, *(costs.encode(1, *p.x.shape[-2:]) for p in parts if p.x is not None),
+                   costs.decode(q.steps, *latent))
         return InterpolateRequest(model, parts[0], parts[1], q.steps, q.method, target, kind, accept, q.duration,
                                   q.quality or settings.jpeg_quality)
 
@@ -144,6 +148,13 @@ def read_part(name: str, data: bytes, content_type: str | None, model: VAEModel,
     if info.scaled:
         z = latents.unscale(z, info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std)
     return Part(None, z, info.original_size)
+
+
+def _latent_size(part: Part, f: int) -> tuple[int, int]:
+    """The latent (h, w) frames are decoded at when no output size is asked: part a's."""
+    if part.z is not None:
+        return tuple(part.z.shape[-2:])
+    return -(-part.x.shape[-2] // f), -(-part.x.shape[-1] // f)
 
 
 def _output_kind(output: str | None, accept: str | None) -> str:

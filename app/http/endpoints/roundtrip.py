@@ -11,6 +11,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import Response
 
+from app.http import cost
 from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
 from app.http.endpoints.query import ImageOutQuery, ModelQuery, TilingQuery
@@ -43,7 +44,15 @@ class Roundtrip(Endpoint):
         settings = request.app.state.settings
         model = request.app.state.registry.get(q.model)
         data = await read_image_bytes(request, settings.max_body_bytes)
-        img = await anyio.to_thread.run_sync(functools.partial(imaging.open_image, data, max_pixels=settings.max_pixels))
+        costs = cost.cost_model(model)
+
+        def admit(width: int, height: int) -> None:  # from the image header, before decoding it
+            f = model.downsample_factor
+            cost.admit(settings.max_cost, costs.encode(1, height, width, q.tiled),
+                       costs.decode(1, -(-height // f), -(-width // f), q.tiled))
+
+        img = await anyio.to_thread.run_sync(functools.partial(imaging.open_image, data, max_pixels=settings.max_pixels,
+                                                               check_size=admit))
         fmt = image_format_for(q.image_format, request.headers.get("accept"), default="png")
         return RoundtripRequest(model, img, imaging.to_tensor(img), fmt, q.quality or settings.jpeg_quality,
                                 tiled=q.tiled)

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field
 
+from app.http import cost
 from app.http.endpoint import Endpoint
 from app.http.endpoints import frames
 from app.http.endpoints.query import ImageOutQuery, ModelQuery
@@ -49,6 +50,8 @@ class Sample(Endpoint):
         model = request.app.state.registry.get(q.model)
         frames.check_size(model, q.height, q.width)
         frames.check_pixels(q.height, q.width, q.n, settings.max_pixels)
+        f = model.downsample_factor
+        cost.admit(settings.max_cost, cost.cost_model(model).decode(q.n, q.height // f, q.width // f))
         accept = request.headers.get("accept")
         seed = secrets.randbelow(2**31) if q.seed is None else q.seed
         return SampleRequest(model, q.n, (q.height, q.width), seed, accept, image_format_for(q.image_format, accept),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from app.cli import serve
 from app.http.settings import Settings
@@ -182,6 +183,61 @@ def test_sigterm_during_a_request_drains_and_exits_0(tiny_vae_dir):
         assert proc.wait(timeout=30) == 0
         log = proc.stdout.read().decode()
         assert '"msg": "draining' in log  # JSON log lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_weights_holding_nan_exit_2_with_one_line(tiny_vae_dir, tmp_path, capsys):
+    import safetensors.torch
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_vae_dir, bad)
+    weights = bad / "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    state["decoder.conv_out.weight"] = torch.full_like(state["decoder.conv_out.weight"], float("nan"))
+    safetensors.torch.save_file(state, weights)
+    assert serve.main(["--model", f"m={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vae serve: error:")
+    assert "NaN or Inf" in err and "decoder.conv_out.weight" in err
+
+
+def test_sigterm_past_the_grace_period_answers_503_and_exits_by_the_deadline(tmp_path):
+    """issue 12, finding 7: a model call longer than --grace-seconds (one untiled forward pass,
+    which cannot stop at a tile boundary) gets a JSON 503 with Retry-After, not uvicorn's
+    plain-text 500, and the process exits 0 by the deadline instead of waiting for the call."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.protocol import wire
+    from support import make_tiny_vae
+
+    slow = tmp_path / "slow"  # no attention: an untiled 2048x2048 decode is long but light on memory
+    make_tiny_vae(block_out_channels=[8, 16, 64, 128], mid_block_add_attention=False).save_pretrained(slow)
+    grace = 2.0
+    proc, base = _start(slow, "--grace-seconds", str(grace))
+    try:
+        z = torch.zeros(1, 4, 256, 256)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(requests.post, base + "/decode", data=wire.tensor_to_raw(z), timeout=120,
+                                  params={"shape": "1,4,256,256", "output_type": "pt", "tiled": "false"},
+                                  headers={"Content-Type": "tensor/binary"})
+            deadline = time.monotonic() + 60
+            while "vae_model_in_flight 1.0" not in requests.get(base + "/metrics", timeout=5).text:
+                assert time.monotonic() < deadline and not running.done(), "the request never reached the model"
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            r = running.result()
+            answered = time.monotonic() - t0
+        assert proc.wait(timeout=30) == 0
+        exited = time.monotonic() - t0
+        print(f"\nSIGTERM with --grace-seconds {grace}: 503 after {answered:.2f} s, process gone after {exited:.2f} s")
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text[:200]
+        assert r.json()["error"]["type"] == "unavailable" and r.headers["Retry-After"] == "1"
+        assert answered <= grace and exited <= grace + 0.5  # abort_margin: answers go out before the deadline
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -333,3 +333,16 @@ def test_decode_raw_body_with_curls_default_content_type(client, model):
     # Without `shape` it is still refused as a form, naming the type.
     r = client.post("/decode", content=wire.tensor_to_raw(z), headers=form)
     assert r.status_code == 415 and "x-www-form-urlencoded" in r.json()["error"]["message"]
+
+
+def test_non_finite_results_are_never_a_200(client):
+    """Finite latents far outside what the model decodes overflow to NaN / Inf (issue 12, finding 5):
+    a 422 naming it, for images, tensors and frames."""
+    huge = torch.full((1, 4, 2, 2), 3e38)
+    for params in ({"output_type": "pt"}, {"output_type": "pil"}, {"output_type": "pt", "partial_postprocess": True}):
+        r = client.post("/decode", content=wire.tensor_to_raw(huge), headers={"Content-Type": "tensor/binary"},
+                        params={**raw_params(huge), **params})
+        assert_error(r, 422, "unprocessable", "NaN or Inf")
+    part = ("z.safetensors", safetensors.torch.save({"latents": huge}), wire.SAFETENSORS)
+    r = client.post("/interpolate", files={"a": part, "b": part}, params={"steps": 2, "output": "tensor"})
+    assert_error(r, 422, "unprocessable", "NaN or Inf")

@@ -71,3 +71,29 @@ def test_one_session_after_a_500_all_valid_requests_succeed(base):
         assert post(BOOM).status_code == 500
         statuses = [post(Z).status_code for _ in range(30)]
     assert statuses == [200] * 30
+
+
+def test_a_body_that_never_arrives_gets_408_and_the_server_goes_on(tiny_vae_dir):
+    import socket
+    import time
+
+    app = create_app(Settings(warmup=False, body_timeout=1.0), ModelRegistry([VAEModel.load("tiny", tiny_vae_dir)]))
+    with live_server(app) as url:
+        parsed = urlparse(url)
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=20) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST /decode?shape=1,4,2,2 HTTP/1.1\r\nHost: x\r\nContent-Type: tensor/binary\r\n"
+                      b"Content-Length: 64\r\n\r\n" + bytes(10))  # 54 bytes never come
+            answer = b""
+            while b"}" not in answer:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"request_timeout"' in answer and b"connection: close" in answer.lower()
+        assert 0.9 < took < 5, took
+        z = torch.zeros(1, 4, 2, 2)
+        r = requests.post(url + target(z), data=wire.tensor_to_raw(z), headers={"Content-Type": "tensor/binary"}, timeout=30)
+        assert r.status_code == 200

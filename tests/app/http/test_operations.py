@@ -147,3 +147,39 @@ def test_image_format_allow_list_and_latent_elements(model):
         r = c.post("/decode", content=wire.tensor_to_raw(z), headers={"Content-Type": "tensor/binary"},
                    params={"shape": json.dumps(list(z.shape)), "dtype": "float32", "output_type": "pt"})
         assert r.status_code == 413 and "80 elements" in r.json()["error"]["message"]
+
+
+def test_head_probes_and_unknown_model_names_are_short(model):
+    with client_for(model) as c:
+        for path in ("/healthz", "/readyz"):
+            r = c.head(path)
+            assert r.status_code == 200 and r.content == b"", path
+        name = "m" * 199
+        r = c.post("/roundtrip", content=PNG, headers={"Content-Type": "image/png"}, params={"model": name})
+        assert r.status_code == 404 and len(r.json()["error"]["message"]) < 150 and name not in r.text
+
+
+def overflowing_model(tiny_vae_dir, tmp_path) -> VAEModel:
+    """Finite weights whose output overflows to Inf: only the warm-up decode can catch this."""
+    model = VAEModel.load("hot", tiny_vae_dir)
+    with torch.no_grad():
+        model.vae.decoder.conv_out.weight.fill_(3e38)
+        model.vae.decoder.conv_out.bias.fill_(3e38)
+    return model
+
+
+def test_warmup_that_decodes_to_inf_never_turns_ready(tiny_vae_dir, tmp_path):
+    app = create_app(Settings(warmup=True), ModelRegistry([overflowing_model(tiny_vae_dir, tmp_path)]))
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "NaN or Inf" in r.json()["error"]
+
+
+def test_vae_serve_exits_2_when_warmup_fails(tiny_vae_dir, tmp_path, capsys):
+    from app.http.lifecycle import serve
+
+    settings = Settings(warmup=True, port=0, log_level="warning")
+    app = create_app(settings, ModelRegistry([overflowing_model(tiny_vae_dir, tmp_path)]))
+    assert serve(app, settings) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vae serve: error: model 'hot': a fixed latent decodes to NaN or Inf")

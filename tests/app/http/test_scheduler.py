@@ -203,6 +203,51 @@ def test_deadline_gives_504_and_drops_queued_work(model):
         assert post_latents(base, z).status_code == 200  # and the server carries on
 
 
+# --- running work stops at the next frame or tile (issue 12, finding 4) ------------------------
+
+class SlowFrames:
+    """Each model.decode call (one /sample frame) takes `seconds`; counts the calls that ran."""
+
+    def __init__(self, model: VAEModel, seconds: float):
+        self.ran = 0
+        inner = model.decode
+
+        def decode(*args, **kwargs):
+            time.sleep(seconds)
+            out = inner(*args, **kwargs)  # its decoder checks tiling.stop_when first
+            self.ran += 1
+            return out
+
+        model.decode = decode
+
+
+def _sample_and_hang_up(base: str, n: int) -> None:
+    url = urlparse(base)
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(f"POST /sample?n={n}&width=16&height=16 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        time.sleep(1.0)  # frames are running by now
+
+
+@pytest.mark.parametrize("how", ["deadline", "client_gone"])
+def test_abandoned_running_work_stops_at_the_next_frame_and_frees_the_slot(model, how):
+    slow = SlowFrames(model, 0.5)
+    z = torch.randn(1, 4, 2, 2)
+    with serve(model, max_batch_size=1, request_timeout=2.0 if how == "deadline" else 300) as base:
+        t0 = time.monotonic()
+        if how == "deadline":
+            r = requests.post(base + "/sample", params={"n": 16, "width": 16, "height": 16}, timeout=30)
+            assert r.status_code == 504
+        else:
+            _sample_and_hang_up(base, 16)
+        # 16 frames would hold the only slot for 16 x 0.5 s; stopped, it frees it within a frame.
+        after = post_latents(base, z)
+        took = time.monotonic() - t0
+        assert after.status_code == 200, after.text
+        assert slow.ran < 8, slow.ran
+        assert took < 16 * 0.5, took
+        print(f"\n{how}: {slow.ran} of 16 frames ran; the next request was answered {took:.2f} s after the first began")
+
+
 # --- the event loop stays free ----------------------------------------------------------------
 
 def test_healthz_is_fast_while_the_model_is_saturated(model):

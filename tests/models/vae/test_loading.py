@@ -208,3 +208,15 @@ def test_vae_info_cli(tiny_vae_dir, capsys):
     assert "FLOPs @ 512x512" in out and "encoder" in out
     assert info.main(["/nonexistent/vae"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ckpt_with_python_objects_is_refused_without_torch_advice(tmp_path):
+    import argparse
+
+    path = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "extra": argparse.Namespace(a=1)}, path)
+    with pytest.raises(ModelLoadError) as err:
+        load_weights(path)
+    message = str(err.value)
+    assert "Python objects" in message and ".safetensors" in message and "\n" not in message
+    assert "weights_only" not in message and "False" not in message  # never torch's "load it unsafely" advice

@@ -213,3 +213,25 @@ def test_trained_model_tiling_costs_at_most_02_db(photos_dir, photo):
     ref = np.asarray(imaging.resize_center_crop(Image.open(photos_dir / photo).convert("RGB"), 1024))
     x = imaging.to_tensor(Image.fromarray(ref))
     assert psnr(ref, roundtrip(m, x, True)) >= psnr(ref, roundtrip(m, x, False)) - 0.2
+
+
+def test_stop_when_ends_a_tiled_run_at_the_next_tile(model):
+    """tiling.stop_when: the check before each encoder / decoder call stops a tiled run at a tile
+    boundary (issue 12, finding 4: abandoned work frees its slot), and does nothing outside."""
+    calls = []
+    hook = model.vae.encoder.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        x = torch.zeros(1, 3, 160, 160)
+        with tiling.stop_when(lambda: len(calls) >= 3), pytest.raises(tiling.Stopped):
+            model.encode(x, tiled=True)
+        assert len(calls) == 3  # of 2 passes x 16 tiles
+        calls.clear()
+        with tiling.stop_when(lambda: False):
+            model.encode(x, tiled=True)
+        assert len(calls) == 32
+        model.encode(x, tiled=True)  # outside stop_when: nothing is checked
+    finally:
+        hook.remove()
+    z = torch.zeros(1, 4, 20, 20)
+    with tiling.stop_when(lambda: True), pytest.raises(tiling.Stopped):
+        model.decode(z, tiled=False)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 14: the CUDA tests (tests/benchmarks/test_cuda.py, marker gpu) and the GPU
-# benchmarks (benchmarks/gpu_check.py), JSON + Markdown + logs written to $OUT. Sized to finish
-# within 8 minutes on a lent H100 or H200 (GPU_CHECK_TOTAL_S, default 450 s, bounds it).
+# benchmarks (`python -m benchmarks.gpu_check`, benchmarks/gpu_check/), JSON + Markdown + logs written to
+# $OUT. Sized to finish within 8 minutes on a lent H100 or H200 (GPU_CHECK_TOTAL_S, default 450 s, bounds it).
 #
 # 1. Preparation, once, on a machine that reaches PyPI, in the repository root. The GPU machine
 #    has torch but not diffusers, FastAPI, ... and no network: they travel as wheels (~12 MB) in
@@ -22,11 +22,11 @@
 #    `python -m benchmarks.report` to put it into benchmarks/RESULTS.md.
 # 3. CI and any CPU machine, in the project's own environment (no venv, no wheels):
 #        bash benchmarks/gpu_check.sh --quick
-#    The same steps: the CUDA tests skip, gpu_check.py runs its --quick CPU mode.
+#    The same steps: the CUDA tests skip, benchmarks.gpu_check runs its --quick CPU mode.
 #
 # Environment: OUT (default out/gpu_check), GPU_WHEELS (default build/gpu-wheels), GPU_CHECK_VENV
 # (default /tmp/vae-gpu-venv), PYTHON (default python3), GPU_CHECK_TOTAL_S (450),
-# GPU_CHECK_TESTS_S (the CUDA tests' limit, 200), GPU_CHECK_ARGS (more gpu_check.py arguments).
+# GPU_CHECK_TESTS_S (the CUDA tests' limit, 200), GPU_CHECK_ARGS (more benchmarks.gpu_check arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

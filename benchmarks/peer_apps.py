@@ -1,4 +1,4 @@
-"""The peers of benchmarks/peers.py: one diffusers AutoencoderKL behind (a) LitServe and (b) a
+"""The peers of benchmarks/peers/: one diffusers AutoencoderKL behind (a) LitServe and (b) a
 plain FastAPI app, written as each framework's documentation would have a user write it.
 
 Both answer the same request as our service, so one client serves all three:
@@ -8,7 +8,7 @@ Both answer the same request as our service, so one client serves all three:
     python -m benchmarks.peer_apps fastapi  --model PATH --preset default --port 8101
     python -m benchmarks.peer_apps litserve --model PATH --preset best    --port 8102
 
-Presets (recorded by peers.py with every result):
+Presets (recorded by benchmarks/peers/ with every result):
   default  what the documentation shows: weights as loaded (float32), `torch.no_grad()`,
            diffusers' VaeImageProcessor to PIL, PIL's PNG. FastAPI: a plain `def` endpoint
            (FastAPI runs it in its thread pool). LitServe: one worker, no batching.

@@ -47,7 +47,7 @@ SECTIONS = {
         "json": "benchmarks/results/peers/*.json",
         "render": _peers,
         "how": "python -m benchmarks.peers --out benchmarks/results/peers && python -m benchmarks.report",
-        "where": "on the benchmark machine (bounded by --budget-s; see benchmarks/peers.py's help)",
+        "where": "on the benchmark machine (bounded by --budget-s; see `python -m benchmarks.peers --help`)",
     },
     "gpu": {
         "title": "GPU check (issue 14)",

@@ -97,14 +97,8 @@ def test_no_import_cycle(graph):
     assert not real, real
 
 
-# Not split yet (merged late in the round that added them; issue 11 stays open for these three):
-# the peers/GPU-check harness. Everything else is held to 400 lines.
-NOT_YET_SPLIT = {"benchmarks/peers.py", "benchmarks/harness.py", "benchmarks/gpu_check.py"}
-
-
 def test_no_module_over_400_lines():
-    long = {str(p.relative_to(ROOT)): n for p in modules().values()
-            if (n := len(p.read_text().splitlines())) > 400 and str(p.relative_to(ROOT)) not in NOT_YET_SPLIT}
+    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
 
 

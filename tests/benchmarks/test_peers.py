@@ -1,4 +1,4 @@
-"""benchmarks/peers.py --quick (our service against plain FastAPI and, when installed, LitServe)
+"""python -m benchmarks.peers --quick (our service against plain FastAPI and, when installed, LitServe)
 and benchmarks/report.py (RESULTS.md's generated sections). Timings are never asserted."""
 
 from __future__ import annotations

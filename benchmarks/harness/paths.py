@@ -8,5 +8,5 @@ from pathlib import Path
 # benchmarks/harness/paths.py -> the repository root, two packages up
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ROOT / "tests" / "data" / "photos"
-SD_CONFIG = ROOT / "models" / "configs" / "sd-kl-f8" / "config.json"
+SD_CONFIG = ROOT / "models" / "vae" / "configs" / "sd-kl-f8" / "config.json"
 SHIPPED_MODEL = ROOT / "models" / "default"

@@ -80,3 +80,14 @@ def test_goals_compare_against_issue_14_targets():
     assert goals["dynamic batching over HTTP, 16 x 256^2 /decode png"]["met"] is None
     assert goals["non-model share of a 1024^2 /decode, png"]["met"] is False
     assert not any("512^2 /decode" in g for g in goals)  # the share goal is for the largest size
+
+
+def test_benchmark_paths_exist():
+    """The files the benchmark tools read by path (a package move once left SD_CONFIG dangling, so a
+    full gpu_check or peers run failed at model creation)."""
+    from benchmarks import harness
+
+    for path in (harness.SD_CONFIG, harness.PHOTOS, harness.SHIPPED_MODEL):
+        assert path.exists(), path
+    config = json.loads(harness.SD_CONFIG.read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["latent_channels"] == 4

@@ -24,6 +24,7 @@ from app.http.observability import Metrics
 from app.http.registry import ModelRegistry
 from app.http.scheduler import Scheduler
 from app.http.settings import Settings
+from models.vae import threads
 from models.vae.loading import ModelLoadError
 
 DOCS_ASSETS = "/static-docs"  # Swagger UI / ReDoc files (public, like the page's /static)
@@ -35,6 +36,17 @@ def default_batch_size(settings: Settings) -> int:
     if settings.max_batch_size is not None:
         return settings.max_batch_size
     return 8 if str(settings.device).startswith("cuda") else 1
+
+
+def default_model_threads(settings: Settings) -> int:
+    # Measured on 2 cores (benchmarks/RESULTS.md, "CPU: calls in parallel"): two calls side by side,
+    # one core each, beat one call on both cores by ~1.2-1.3x in throughput, and a call alone still
+    # gets every core (models/vae/threads.py). Capped at 4: each running call holds its activations.
+    if settings.model_threads is not None:
+        return settings.model_threads
+    if str(settings.device).startswith("cuda"):
+        return 1
+    return max(1, min(4, settings.torch_threads or torch.get_num_threads()))
 
 
 def limits_of(settings: Settings) -> dict:
@@ -71,12 +83,14 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     state = app.state
     state.settings, state.registry, state.ready, state.draining, state.http_in_flight = settings, registry, False, False, 0
     state.startup_error = None
-    state.limiter = anyio.CapacityLimiter(max(1, settings.model_threads))
+    workers = default_model_threads(settings)
+    state.limiter = anyio.CapacityLimiter(workers)
     state.metrics = Metrics()
     state.metrics.describe_models(registry)
     state.scheduler = Scheduler(
-        workers=settings.model_threads, max_queue=settings.max_queue, max_batch=default_batch_size(settings),
+        workers=workers, max_queue=settings.max_queue, max_batch=default_batch_size(settings),
         max_wait=settings.batch_wait_ms / 1000, limiter=state.limiter, hooks=state.metrics,
+        share=threads.ThreadShare(settings.torch_threads or torch.get_num_threads()),
     )
     install_error_handlers(app)
     middleware.install(app, settings)

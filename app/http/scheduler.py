@@ -2,7 +2,8 @@
 
 Every model call goes through `Scheduler.run`. Work waits in per-bucket queues (one bucket per
 model, op, input shape and parameters; see app.http.batching). One dispatcher coroutine hands the
-oldest bucket's work to a free worker slot (`workers` = settings.model_threads); while all slots
+oldest bucket's work to a free worker slot (`workers`: app.http.app.default_model_threads); calls
+running at once share the CPU cores equally (`share`, models/vae/threads.py); while all slots
 are busy, work of one bucket piles up and runs as one batch, up to `max_batch` rows. A bucket
 with fewer rows waits at most `max_wait` for companions before it runs anyway.
 
@@ -16,6 +17,7 @@ period) answers every waiting and running request at once and stops the running 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import threading
@@ -27,7 +29,7 @@ from typing import Any, Awaitable, Callable, Hashable
 import anyio
 
 from app.protocol.errors import DeadlineExceeded, Unavailable
-from models.vae import tiling
+from models.vae import threads, tiling
 
 
 @dataclass(eq=False)
@@ -56,7 +58,8 @@ class SchedulerHooks:
 class Scheduler:
     def __init__(self, *, workers: int = 1, max_queue: int = 64, max_batch: int = 1,
                  max_wait: float = 0.002, limiter: anyio.CapacityLimiter | None = None,
-                 hooks: SchedulerHooks | None = None):
+                 hooks: SchedulerHooks | None = None, share: threads.ThreadShare | None = None):
+        self.share = share  # the cores divided between calls running at once (models/vae/threads.py)
         self.workers, self.max_queue = max(1, workers), max(1, max_queue)
         self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait)
         self.limiter = limiter
@@ -203,7 +206,8 @@ class Scheduler:
         self.hooks.batch(len(batch))
         try:
             # abandon_on_cancel: at shutdown the event loop does not wait for a model call to end.
-            results = await anyio.to_thread.run_sync(_compute, batch, limiter=self.limiter, abandon_on_cancel=True)
+            results = await anyio.to_thread.run_sync(_compute, batch, self.share, limiter=self.limiter,
+                                                     abandon_on_cancel=True)
         except BaseException as exc:  # noqa: BLE001 - cancelled at shutdown: fail the waiters
             results = [exc] * len(batch)
         finally:
@@ -232,12 +236,13 @@ def busy_threads() -> int:
     return _busy
 
 
-def _compute(batch: list[Work]) -> list:
+def _compute(batch: list[Work], share: threads.ThreadShare | None = None) -> list:
     global _busy
     with _busy_lock:
         _busy += 1
     try:
-        return _compute_batch(batch)
+        with share.call() if share is not None else contextlib.nullcontext():
+            return _compute_batch(batch)
     finally:
         with _busy_lock:
             _busy -= 1

@@ -38,8 +38,11 @@ class Settings(BaseSettings):
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of a tile blended with its neighbour")
     max_pixels: int = Field(2048 * 2048, ge=64, description="pixels per image, in and out (decompression bombs, memory)")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body size limit in bytes")
-    model_threads: int = Field(1, ge=1, le=64, description="concurrent model calls")
-    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch.set_num_threads (default: torch's)")
+    model_threads: int | None = Field(None, ge=1, le=64, description=(
+        "concurrent model calls (default: on CPU one per core, at most 4; 1 on CUDA). Calls running "
+        "together share the torch threads equally (models/vae/threads.py)"))
+    torch_threads: int | None = Field(None, ge=1, le=1024, description=(
+        "intra-op threads of all model calls together (default: torch's, one per core)"))
     warmup: bool = Field(True, description="one small encode + decode per model before /readyz says ready")
     jpeg_quality: int = Field(95, ge=1, le=100, description="quality of JPEG / WebP answers")
     log_level: str = Field("info", description="log level (uvicorn and the service)")

@@ -123,14 +123,23 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.numpy(), mode="RGB") for a in x]
 
 
-def encode_image(img: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
-    """PIL image -> file bytes. `fmt` is png | jpg | jpeg | webp; `quality` applies to JPEG and WebP."""
+# zlib level of PNG answers. Measured (photo resized, PIL 12, this CPU): level 1 encodes 3-4x faster
+# than PIL's default 6 (256^2: 4.8 vs 15.5 ms; 1024^2: 70 vs 298 ms) for files 6-13 % larger; at
+# 1024^2 level 6 costs more than a bf16 decode of the shipped model. Level 0 (no compression) is
+# faster again but 1.7-2.6x larger.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_image(img: Image.Image, fmt: str = "png", quality: int = 95,
+                 png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """PIL image -> file bytes. `fmt` is png | jpg | jpeg | webp; `quality` applies to JPEG and WebP,
+    `png_level` (zlib 0-9) to PNG."""
     name = FORMAT_ALIASES.get(fmt.lower())
     if name is None:
         raise ImageError("unsupported", f"unsupported output format {fmt!r}: use png, jpg or webp")
     buf = io.BytesIO()
     if name == "PNG":
-        img.save(buf, format=name)
+        img.save(buf, format=name, compress_level=int(png_level))
     else:
         img.save(buf, format=name, quality=int(quality))
     return buf.getvalue()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from models.vae import tiling
+from models.vae import threads, tiling
 from models.vae.imaging import crop_to, pad_to_multiple
 from models.vae.loading import LoadedWeights, ModelLoadError, load_weights, resolve_dtype
 
@@ -116,6 +116,8 @@ class VAEModel:
         if self.compiled:
             self.vae.encoder.compile()
             self.vae.decoder.compile()
+        else:  # cores shared with concurrent calls, re-read every layer (models/vae/threads.py)
+            threads.install(self.vae)
 
     @classmethod
     def load(
@@ -242,7 +244,7 @@ class VAEModel:
                     vae.tile_overlap_factor = self.vae.tile_overlap_factor
                     if self.tile_norm_passes > 1:
                         tiling.install(vae)
-                self._fp32_vae = tiling.install_stop_checks(vae)
+                self._fp32_vae = threads.install(tiling.install_stop_checks(vae))
         return self._fp32_vae
 
     def _prepare(self, t: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

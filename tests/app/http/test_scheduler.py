@@ -20,7 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.protocol import wire
-from app.http.app import create_app
+from app.http.app import create_app, default_model_threads
 from app.http.registry import ModelRegistry
 from app.http.settings import Settings
 from models.vae import imaging
@@ -39,6 +39,8 @@ def metric(base: str, name: str, **labels) -> float:
 
 
 def serve(model: VAEModel, **settings):
+    # One model worker unless a test asks for more: these tests count what queues behind it.
+    settings = {"model_threads": 1, **settings}
     return live_server(create_app(Settings(warmup=False, **settings), ModelRegistry([model])))
 
 
@@ -276,3 +278,26 @@ def test_healthz_is_fast_while_the_model_is_saturated(model):
           f"max {max(latencies) * 1000:.1f} ms over {len(latencies)} probes; {len(statuses)} roundtrips")
     assert busy >= 1 and statuses and set(statuses) == {200}
     assert statistics.median(latencies) < 0.5 and max(latencies) < 1.0  # generous for shared CI cores
+
+
+def test_cpu_default_runs_one_model_call_per_core(model):
+    """On CPU the default is one concurrent model call per torch thread (at most 4): two requests
+    are inside the model at the same time, each with its share of the threads."""
+    assert default_model_threads(Settings(torch_threads=2)) == 2
+    assert default_model_threads(Settings(torch_threads=16)) == 4
+    assert default_model_threads(Settings(torch_threads=16, device="cuda")) == 1
+    assert default_model_threads(Settings(torch_threads=16, model_threads=3)) == 3
+    inside, seen = threading.Barrier(2, timeout=20), []
+    conv_out = model.vae.decoder.conv_out
+    # Both requests must reach the last layer together (else BrokenBarrierError, a 500), and then
+    # the share's own pre-hook (between these two) gives each call its half.
+    def together(module, args):
+        inside.wait()
+
+    conv_out.register_forward_pre_hook(together, prepend=True)
+    conv_out.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    z = torch.randn(1, 4, 4, 4)
+    with serve(model, model_threads=None, torch_threads=2) as base, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: post_latents(base, z), range(2)))
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert seen == [1, 1]  # 2 threads shared by 2 calls

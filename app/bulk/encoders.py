@@ -26,7 +26,8 @@ class LocalEncoder:
 
     def store_facts(self) -> dict:
         m = self.model
-        return dict(model=m.name, model_sha256=m.sha256, scaling_factor=m.scaling_factor, shift_factor=m.shift_factor)
+        return dict(model=m.name, model_sha256=m.sha256, scaling_factor=m.scaling_factor, shift_factor=m.shift_factor,
+                    latents_mean=m.latents_mean, latents_std=m.latents_std)
 
     def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
         f = self.model.downsample_factor
@@ -90,8 +91,9 @@ class RemoteEncoder:
 
     def store_facts(self) -> dict:
         info = self.info()
+        stats = [tuple(v) if v is not None else None for v in (info.get("latents_mean"), info.get("latents_std"))]
         return dict(model=info["name"], model_sha256=info["sha256"], scaling_factor=info["scaling_factor"],
-                    shift_factor=info["shift_factor"])
+                    shift_factor=info["shift_factor"], latents_mean=stats[0], latents_std=stats[1])
 
     def _call(self, fn):
         try:

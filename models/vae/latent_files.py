@@ -55,6 +55,8 @@ class StoreOptions:
     dtype: str = "float16"  # storage dtype of float latents
     quantize: str | None = None  # None | "uint8"
     scaled: bool = False
+    latents_mean: tuple[float, ...] | None = None  # per-channel statistics, where the config defines them
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.dtype not in STORE_DTYPES:
@@ -71,10 +73,13 @@ def encode_record(z: torch.Tensor, options: StoreOptions, source: str, original_
     """Raw latents (1, C, h, w) or (C, h, w) of one image -> the bytes of a latent file."""
     z = z.detach().float().cpu()
     z = z[None] if z.ndim == 3 else z
+    stats = (options.latents_mean, options.latents_std)
     if options.scaled:
-        z = latents.scale(z, options.scaling_factor, options.shift_factor)
+        z = latents.scale(z, options.scaling_factor, options.shift_factor, *stats)
     info = LatentInfo(options.scaling_factor, options.shift_factor, options.scaled,
-                      (int(original_size[0]), int(original_size[1])))
+                      (int(original_size[0]), int(original_size[1])),
+                      latents_mean=tuple(stats[0]) if stats[0] is not None else None,
+                      latents_std=tuple(stats[1]) if stats[1] is not None else None)
     if options.quantize == "uint8":
         stored, step, offset = quantize_uint8(z)
         info = LatentInfo(**{**info.__dict__, "quant_scale": step, "quant_offset": offset})

@@ -49,20 +49,31 @@ def test_encode_decode_with_16_channels(family, family_dirs, inputs, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / name)), expected[0].numpy())
 
 
-def test_scaled_and_quantized_flux_files(family_dirs, inputs, tmp_path):
-    """--scaled stores FLUX's (z - 0.1159) * 0.3611; --quantize uint8 keeps one scale/offset per channel (16)."""
-    ref = family_reference(family_dirs["flux"])
-    model = f"flux={family_dirs['flux']}"
-    rc, _ = run("encode", inputs, "--out", tmp_path / "scaled", "--model", model, "--latent-dtype", "float32", "--scaled",
-                "--batch-size", "1")
-    assert rc == 0
-    data = (tmp_path / "scaled" / "a.png.safetensors").read_bytes()
+@pytest.mark.parametrize("family", ["flux", "playground"])
+def test_scaled_files_hold_what_the_pipeline_scales(family, family_dirs, inputs, tmp_path):
+    """--scaled stores the latents as the family's pipeline scales them: FLUX's (z - 0.1159) * 0.3611,
+    Playground v2.5's per-channel (z - mean) * 0.5 / std; reading the file gives the raw latents back."""
     import safetensors.torch
 
-    stored = safetensors.torch.load(data)["latents"]
+    ref = family_reference(family_dirs[family])
+    rc, _ = run("encode", inputs, "--out", tmp_path / "scaled", "--model", f"{family}={family_dirs[family]}",
+                "--latent-dtype", "float32", "--scaled", "--batch-size", "1")
+    assert rc == 0
+    data = (tmp_path / "scaled" / "a.png.safetensors").read_bytes()
     with torch.no_grad():
         z = ref.encode(imaging.to_tensor(Image.open(inputs / "a.png"))).latent_dist.mode()
-    assert torch.equal(stored, pipeline_scale(dict(ref.config), z))
+    torch.testing.assert_close(safetensors.torch.load(data)["latents"], pipeline_scale(dict(ref.config), z),
+                               rtol=1e-6, atol=1e-6)
+    raw, _ = latent_store.decode_record(data)
+    torch.testing.assert_close(raw, z, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_flux_files(family_dirs, inputs, tmp_path):
+    """--quantize uint8 keeps one scale/offset per channel (16)."""
+    ref = family_reference(family_dirs["flux"])
+    model = f"flux={family_dirs['flux']}"
+    with torch.no_grad():
+        z = ref.encode(imaging.to_tensor(Image.open(inputs / "a.png"))).latent_dist.mode()
     rc, _ = run("encode", inputs, "--out", tmp_path / "q", "--model", model, "--quantize", "uint8", "--batch-size", "1")
     assert rc == 0
     meta = latent_store.read_metadata(tmp_path / "q" / "a.png.safetensors")

@@ -618,3 +618,17 @@ def test_image_entrypoint_serves_a_model_from_vae_models(tmp_path, tiny_vae_dir)
 def test_image_entrypoint_serves_the_default_model(tmp_path):
     # Plain `docker compose up`: no VAE_MODELS, the baked-in model.
     run_image_command(tmp_path, {}, expected_model="default")
+
+
+def test_ci_builds_and_runs_the_image():
+    """Issue 10: CI (.ci/run) builds and runs the real image with .ci/container, and its failure
+    fails CI: a plain command under `set -e`, not masked (`|| true`, `;`) or made optional."""
+    run = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in run
+    lines = [line.strip() for line in run.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert "bash .ci/container" in lines, lines
+    script = (ROOT / ".ci" / "container").read_text()
+    assert script.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in script
+    # It needs the base, the wheels and Compose; none is assumed to be cached on the machine.
+    for bootstrap in ("debootstrap --variant=minbase", "pip download", "apt-get install"):
+        assert bootstrap in script, bootstrap

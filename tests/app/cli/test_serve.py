@@ -189,6 +189,28 @@ def test_sigterm_during_a_request_drains_and_exits_0(tiny_vae_dir):
             proc.wait()
 
 
+def test_exit_process_runs_atexit_handlers_flushes_and_skips_the_interpreter_teardown():
+    """`vae serve` ends through app.http.lifecycle.exit_process once the server has closed: the
+    atexit handlers run and buffered output is written, the exit status is kept, and CPython's
+    teardown (a full GC over torch & co., seconds to minutes: the container check's "hang" after
+    SIGTERM, issue 10) is skipped, so an object's __del__ that it would run never runs."""
+    code = (
+        "import atexit, sys\n"
+        "from app.http.lifecycle import exit_process\n"
+        "class Witness:\n"
+        "    def __del__(self): print('teardown ran', flush=True)\n"
+        "keep = Witness()\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "sys.stdout.write('buffered')\n"
+        "exit_process(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert "buffered" in out.stdout and "atexit ran" in out.stdout, out.stdout
+    assert "teardown ran" not in out.stdout, out.stdout
+
+
 def test_weights_holding_nan_exit_2_with_one_line(tiny_vae_dir, tmp_path, capsys):
     import safetensors.torch
 

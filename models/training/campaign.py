@@ -40,6 +40,15 @@ CANDIDATES: dict[str, list[str]] = {
                           "--batch-size", "8", "--lr", "1e-4", "--warmup", "50", "--steps", "40000"],
     "tiny-init-mse-256": ["--init", "models/default", "--l1", "0", "--mse", "1", "--crop", "256",
                           "--batch-size", "2", "--lr", "1e-4", "--warmup", "50", "--steps", "160000"],
+    # v3 candidates, from the shipped v2 (the 256-crop run above), which is unbiased at 256 but still
+    # darker on 768x512 Kodak (+2.3, +4.1, +0.3 levels) and loses saturated greens and yellows:
+    # 384-px crops (the size mismatch), or 8 GroupNorm groups (tiny's last decoder block has 32
+    # channels in 32 groups: a per-channel norm before conv_out; models/default/README.md).
+    "tiny-v2-g8-mse-256": ["--init", "models/default", "--norm-groups", "8", "--l1", "0", "--mse", "1",
+                           "--crop", "256", "--batch-size", "2", "--lr", "1e-4", "--warmup", "100",
+                           "--steps", "160000"],
+    "tiny-v2-mse-384": ["--init", "models/default", "--l1", "0", "--mse", "1", "--crop", "384",
+                        "--batch-size", "1", "--lr", "5e-5", "--warmup", "50", "--steps", "320000"],
     "tiny-scratch-mse-128": ["--preset", "tiny", "--l1", "0", "--mse", "1", "--crop", "128",
                              "--batch-size", "8", "--lr", "4e-4", "--warmup", "100", "--steps", "40000"],
     "small-scratch-mse-128": ["--preset", "small", "--l1", "0", "--mse", "1", "--crop", "128",

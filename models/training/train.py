@@ -44,6 +44,9 @@ def build_parser() -> Parser:
     arch.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture (default: tiny)")
     arch.add_argument("--config", help="a diffusers AutoencoderKL config.json")
     arch.add_argument("--init", help="fine-tune from these weights (diffusers folder or single file)")
+    p.add_argument("--norm-groups", type=nonnegative_int, default=0,
+                   help="GroupNorm groups of every block (0: the config's). With --init the weights load "
+                        "unchanged: GroupNorm's parameters are per channel, whatever the group count")
     p.add_argument("--decoder-only", action="store_true", help="freeze the encoder (as sd-vae-ft-MSE)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
     p.add_argument("--steps", type=positive_int, default=20000, help="optimiser steps in total")
@@ -97,6 +100,23 @@ def given_options(argv) -> dict:
 # --------------------------------------------------------------------------- model
 def build_model(args):
     """The model the options name; ValueError naming the file and the reason when it cannot be built."""
+    vae = _base_model(args)
+    groups = getattr(args, "norm_groups", 0)  # checkpoints from before the option: the config's
+    if groups and groups != vae.config.norm_num_groups:
+        # Why: with 32 groups on the 32-channel last decoder block (preset tiny), GroupNorm is a
+        # per-channel instance norm right before conv_out, which removes every channel's mean over
+        # the image: the decoder cannot set the image's overall colour except through the shape of
+        # its features, and that changes with the image size (models/default/README.md).
+        widths = vae.config.block_out_channels
+        if any(c % groups for c in widths):
+            raise ValueError(f"--norm-groups {groups} must divide every block width {list(widths)}")
+        regrouped = type(vae).from_config({**vae.config, "norm_num_groups": groups})
+        regrouped.load_state_dict(vae.state_dict())
+        vae = regrouped
+    return vae
+
+
+def _base_model(args):
     from diffusers import AutoencoderKL
 
     if args.init:

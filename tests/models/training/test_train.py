@@ -273,3 +273,25 @@ def test_resume_refuses_recipe_options_that_differ_from_the_checkpoint(image_fol
     # The same recipe values, or none, and a new length: accepted.
     assert train.main([*resume, "--steps", "2", "--crop", "32", "--config", str(tiny_config)]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_norm_groups_regroups_an_init_model_keeping_its_weights(tiny_vae_dir):
+    """--norm-groups with --init: the same parameters in a model whose GroupNorms pool more
+    channels (a per-channel GroupNorm before conv_out cannot carry an image's overall colour)."""
+    import argparse
+
+    from diffusers import AutoencoderKL
+
+    from models.training.train import build_model
+
+    args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=2)
+    vae = build_model(args)
+    ref = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    assert vae.config.norm_num_groups == 2 and ref.config.norm_num_groups == 4
+    assert vae.decoder.conv_norm_out.num_groups == 2
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), ref.state_dict().values()))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():  # another function: statistics pooled over 4 channels instead of 2
+        assert not torch.allclose(vae(x).sample, ref(x).sample)
+    with pytest.raises(ValueError, match="must divide every block width"):
+        build_model(argparse.Namespace(**{**vars(args), "norm_groups": 3}))

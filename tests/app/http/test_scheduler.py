@@ -296,6 +296,7 @@ def test_cpu_default_runs_one_model_call_per_core(model):
 
     conv_out.register_forward_pre_hook(together, prepend=True)
     conv_out.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    conv_out.register_forward_pre_hook(together)  # neither call ends before both have looked
     z = torch.randn(1, 4, 4, 4)
     with serve(model, model_threads=None, torch_threads=2) as base, ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: post_latents(base, z), range(2)))

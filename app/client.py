@@ -40,6 +40,11 @@ class RoundtripResult:
     latent_shape: list[int]
 
 
+def _given(**params) -> dict:
+    """Query parameters without the ones left out (None): the server's defaults apply to those."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _image_bytes(image: Image.Image | bytes | str | Path) -> bytes:
     if isinstance(image, Image.Image):
         return imaging.encode_image(image.convert("RGB"), "png")
@@ -104,15 +109,8 @@ class VAEClient:
     ) -> torch.Tensor:
         """Image(s), image file bytes/path or a float (N, 3, H, W) tensor in [-1, 1] -> latents (N, C, h, w).
         `do_scaling` (without factors): scaled with the model's own factors (and latents_mean / std)."""
-        params: dict = {"sample": str(sample).lower()}
-        if do_scaling:
-            params["do_scaling"] = "true"
-        if scaling_factor is not None:
-            params["scaling_factor"] = scaling_factor
-        if shift_factor is not None:
-            params["shift_factor"] = shift_factor
-        if seed is not None:
-            params["seed"] = seed
+        params = _given(sample=str(sample).lower(), do_scaling="true" if do_scaling else None,
+                        scaling_factor=scaling_factor, shift_factor=shift_factor, seed=seed)
         if isinstance(images, list):
             return torch.cat([self.encode(img, scaling_factor=scaling_factor, shift_factor=shift_factor,
                                           sample=sample, seed=seed, do_scaling=do_scaling) for img in images])
@@ -142,18 +140,9 @@ class VAEClient:
         z = latents.detach().cpu().contiguous()
         if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             z = z.float()
-        params = {"output_type": "pt", "partial_postprocess": str(postprocess),
-                  "shape": list(z.shape), "dtype": wire.dtype_name(z.dtype)}
-        if scaling_factor is not None:
-            params["scaling_factor"] = scaling_factor
-        if shift_factor is not None:
-            params["shift_factor"] = shift_factor
-        if do_scaling:
-            params["do_scaling"] = "true"
-        if height is not None:
-            params["height"] = height
-        if width is not None:
-            params["width"] = width
+        params = _given(output_type="pt", partial_postprocess=str(postprocess), shape=list(z.shape),
+                        dtype=wire.dtype_name(z.dtype), scaling_factor=scaling_factor, shift_factor=shift_factor,
+                        do_scaling="true" if do_scaling else None, height=height, width=width)
         headers = {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
         return self._tensor(self._post("/decode", wire.tensor_to_raw(z), params, headers))
 

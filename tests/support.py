@@ -162,6 +162,23 @@ def live_server(app):
         thread.join(timeout=10)
 
 
+def wait_ready(proc, base: str, timeout: float = 60) -> None:
+    """Poll `base`/readyz until 200; fails with the process's output if it exits, or on timeout.
+    `proc`: a `vae serve` subprocess.Popen with stdout piped."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.2)
+
+
 def run(command: str, *args, report: Path | None = None) -> tuple[int, dict | None]:
     argv = [str(a) for a in args] + ["--quiet"] + (["--report", str(report)] if report else [])
     from app.bulk.cli import main

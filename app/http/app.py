@@ -46,7 +46,12 @@ def default_model_threads(settings: Settings) -> int:
         return settings.model_threads
     if str(settings.device).startswith("cuda"):
         return 1
-    return max(1, min(4, settings.torch_threads or torch.get_num_threads()))
+    return max(1, min(4, intra_op_threads(settings)))
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """The torch threads all model calls share (create_app has set them when configured)."""
+    return settings.torch_threads or torch.get_num_threads()
 
 
 def limits_of(settings: Settings) -> dict:
@@ -90,7 +95,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     state.scheduler = Scheduler(
         workers=workers, max_queue=settings.max_queue, max_batch=default_batch_size(settings),
         max_wait=settings.batch_wait_ms / 1000, limiter=state.limiter, hooks=state.metrics,
-        share=threads.ThreadShare(settings.torch_threads or torch.get_num_threads()),
+        share=threads.ThreadShare(intra_op_threads(settings)),
     )
     install_error_handlers(app)
     middleware.install(app, settings)

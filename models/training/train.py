@@ -101,7 +101,7 @@ def given_options(argv) -> dict:
 def build_model(args):
     """The model the options name; ValueError naming the file and the reason when it cannot be built."""
     vae = _base_model(args)
-    groups = getattr(args, "norm_groups", 0)  # checkpoints from before the option: the config's
+    groups = args.norm_groups  # 0 (also for checkpoints from before the option): the config's
     if groups and groups != vae.config.norm_num_groups:
         # Why: with 32 groups on the 32-channel last decoder block (preset tiny), GroupNorm is a
         # per-channel instance norm right before conv_out, which removes every channel's mean over

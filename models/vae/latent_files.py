@@ -73,13 +73,11 @@ def encode_record(z: torch.Tensor, options: StoreOptions, source: str, original_
     """Raw latents (1, C, h, w) or (C, h, w) of one image -> the bytes of a latent file."""
     z = z.detach().float().cpu()
     z = z[None] if z.ndim == 3 else z
-    stats = (options.latents_mean, options.latents_std)
     if options.scaled:
-        z = latents.scale(z, options.scaling_factor, options.shift_factor, *stats)
+        z = latents.scale(z, options.scaling_factor, options.shift_factor, options.latents_mean, options.latents_std)
     info = LatentInfo(options.scaling_factor, options.shift_factor, options.scaled,
                       (int(original_size[0]), int(original_size[1])),
-                      latents_mean=tuple(stats[0]) if stats[0] is not None else None,
-                      latents_std=tuple(stats[1]) if stats[1] is not None else None)
+                      latents_mean=options.latents_mean, latents_std=options.latents_std)
     if options.quantize == "uint8":
         stored, step, offset = quantize_uint8(z)
         info = LatentInfo(**{**info.__dict__, "quant_scale": step, "quant_offset": offset})

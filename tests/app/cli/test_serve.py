@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,7 +17,7 @@ from app.cli import serve
 from app.http.settings import Settings
 from models.vae import loading
 
-from support import ROOT
+from support import ROOT, wait_ready
 
 
 def test_no_model_exits_with_how_to(monkeypatch, tmp_path, capsys):
@@ -110,16 +109,7 @@ def test_vae_serve_process_answers(tiny_vae_dir):
     cmd = [sys.executable, "-m", "app.cli.main", "serve", "--model", f"tiny={tiny_vae_dir}", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
         assert models["default"] == "tiny"
     finally:
@@ -133,16 +123,8 @@ def _start(tiny_vae_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "app.cli.main", "serve", "--model", f"tiny={tiny_vae_dir}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(base + "/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.2)
+    wait_ready(proc, base)
+    return proc, base
 
 
 def test_sigterm_during_a_request_drains_and_exits_0(tiny_vae_dir):

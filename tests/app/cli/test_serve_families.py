@@ -8,14 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import requests
 import safetensors.torch
 import torch
 
 from app.cli import serve
-from support import ROOT
+from support import ROOT, wait_ready
 
 
 def _unservable(tmp_path, cls: str):
@@ -62,16 +61,7 @@ def test_autoencoder_tiny_folder_starts_and_answers(family_dirs):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if requests.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, base, timeout=600)
         info = requests.get(base + "/v1/models", timeout=10).json()["models"][0]
         assert info["latent_channels"] == 16
         assert info["class"] == "AutoencoderTiny" and info["scaling_factor"] == 1.0

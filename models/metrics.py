@@ -74,3 +74,30 @@ def mean_psnr(values) -> float:
     """Average PSNR over images; identical pairs (inf) are capped at 100 dB so a mean stays finite."""
     values = [min(v, 100.0) for v in values]
     return float(np.mean(values)) if values else float("nan")
+
+
+# BT.601 colour-difference axes (Cb, Cr) of 8-bit RGB: the plane orthogonal to brightness.
+_CBCR = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+SATURATED_CHROMA = 30.0  # levels; flat foliage green is about 25, kodim23's parrot green about 75
+MIN_SATURATED_SHARE = 0.01
+
+
+def chroma_fidelity(reference, test, threshold: float = SATURATED_CHROMA) -> tuple[float, float] | None:
+    """How a reconstruction keeps the reference's saturated colours: over the reference pixels whose
+    chroma (length of (Cb, Cr), 8-bit levels) is at least `threshold`, the test's mean chroma over
+    the reference's (1: kept; below 1: greyer) and the mean hue error in degrees (angle between
+    the two (Cb, Cr) vectors). None when under 1 % of the pixels are that saturated."""
+    a, b = _as_uint8_hwc(reference), _as_uint8_hwc(test)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    ca = a.reshape(-1, 3).astype(np.float64) @ _CBCR.T
+    cb = b.reshape(-1, 3).astype(np.float64) @ _CBCR.T
+    length_a = np.hypot(ca[:, 0], ca[:, 1])
+    keep = length_a >= threshold
+    if keep.mean() < MIN_SATURATED_SHARE:
+        return None
+    ca, cb, length_a = ca[keep], cb[keep], length_a[keep]
+    length_b = np.hypot(cb[:, 0], cb[:, 1])
+    cos = (ca * cb).sum(1) / np.maximum(length_a * length_b, 1e-9)
+    hue_error = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    return float(length_b.mean() / length_a.mean()), float(hue_error.mean())

@@ -8,6 +8,7 @@ change the data, and each accelerate process reads its own disjoint slice.
 
 from __future__ import annotations
 
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,18 +91,23 @@ class RandomCrops(Dataset):
 
     Augmentation: the short side is resized to a random size in [crop, crop * max_zoom] (capped
     at the image's own short side, never upsampled past it unless the image is smaller than the
-    crop), then a random crop and a random horizontal flip.
+    crop), then a random crop and a random horizontal flip. With `colour_aug` > 0, that share of the
+    crops also has its colours turned about the grey axis and its saturation scaled
+    (`recolour`): photographs hold few saturated greens and yellows, and a decoder that never
+    has to reproduce them turns them grey-brown (models/default/README.md, "What it gets wrong").
 
     A file that fails to decode (truncated after a good header, say) is named once on stderr and
     replaced by the next file in the list that decodes: whether a file decodes does not depend on
     when it is read, so the stream stays a pure function of (seed, k) and `--resume` sees it too.
     """
 
-    def __init__(self, files, crop: int = 256, max_zoom: float = 2.0, seed: int = 0, cache: bool = True):
+    def __init__(self, files, crop: int = 256, max_zoom: float = 2.0, seed: int = 0, cache: bool = True,
+                 colour_aug: float = 0.0):
         self.files = list(files)
         if not self.files:
             raise ValueError("no training images found")
         self.crop, self.max_zoom, self.seed, self.cache = crop, max_zoom, seed, cache
+        self.colour_aug = colour_aug
         self._cache: dict[int, Image.Image] = {}  # per worker; decoded once, downsized
         self._bad: dict[int, str] = {}  # per worker: files that failed to decode, and why
 
@@ -150,7 +156,27 @@ class RandomCrops(Dataset):
         im = im.crop((left, top, left + self.crop, top + self.crop))
         if rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_signed_tensor(im)
+        x = to_signed_tensor(im)
+        if self.colour_aug and rng.random() < self.colour_aug:
+            x = recolour(x, hue=float(rng.uniform(0, 2 * math.pi)), saturation=float(rng.uniform(*SATURATION_RANGE)))
+        return x
+
+
+# Saturation scale of a recoloured crop: mostly more saturated (the colours the decoder loses).
+SATURATION_RANGE = (0.8, 1.8)
+
+
+def recolour(x: torch.Tensor, hue: float, saturation: float) -> torch.Tensor:
+    """(3, H, W) in [-1, 1] with its chroma turned `hue` radians about the grey axis and scaled by
+    `saturation`, clipped back to [-1, 1]. Each pixel's grey level (mean of R, G, B) is kept before
+    the clip: brightness stays, only the colour moves."""
+    axis = torch.full((3,), 1 / math.sqrt(3))
+    grey = x.mean(0, keepdim=True)
+    chroma = x - grey
+    # Rodrigues' rotation about the grey axis; chroma is orthogonal to it, so the term along it drops.
+    cross = torch.linalg.cross(axis.view(3, 1, 1).expand_as(chroma), chroma, dim=0)
+    turned = chroma * math.cos(hue) + cross * math.sin(hue)
+    return (grey + saturation * turned).clamp(-1, 1)
 
 
 class StreamSampler(Sampler):

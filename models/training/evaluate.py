@@ -21,7 +21,7 @@ from models.options import Parser, fail, int_range, positive_int
 from models.vae import imaging
 from models.vae.imaging import resize_center_crop
 from models.training.data import MAX_TRAIN_PIXELS, list_images
-from models.metrics import mean_psnr, psnr, ssim
+from models.metrics import chroma_fidelity, mean_psnr, psnr, ssim
 
 PROG = "vae eval"
 # --size beyond this makes images past the service's own pixel limit (imaging.DEFAULT_MAX_PIXELS).
@@ -54,7 +54,7 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     A file that cannot be decoded is named on stderr, left out and counted in `skipped`."""
     from tqdm.auto import tqdm
 
-    psnrs, ssims, lpips_values, offsets = [], [], [], []
+    psnrs, ssims, lpips_values, offsets, chromas = [], [], [], [], []
     z_sum = z_sq = z_count = 0.0
     model_seconds = 0.0
     batch: list[Image.Image] = []
@@ -71,6 +71,9 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
             psnrs.append(psnr(ref, out))
             ssims.append(ssim(ref, out))
             offsets.append(colour_offset(ref, out))
+            fidelity = chroma_fidelity(ref, out)
+            if fidelity is not None:
+                chromas.append(fidelity)
         if lpips is not None:
             rec = recon.permute(0, 3, 1, 2).float() / 127.5 - 1
             lpips_values.extend(lpips(rec, x).flatten().tolist())
@@ -116,6 +119,12 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         "colour_offset_max": round(float(np.abs(offsets).max()), 3),
         "images_per_s": round(len(psnrs) / model_seconds, 3),
     }
+    if chromas:
+        # Saturated colours (models.metrics.chroma_fidelity), over the images that have them: the
+        # share of their chroma kept (1: all; lower: greyer) and the hue error in degrees.
+        kept, hue = np.array(chromas).T
+        result.update(saturated_images=len(chromas), chroma_kept=round(float(kept.mean()), 3),
+                      chroma_kept_min=round(float(kept.min()), 3), hue_error_deg=round(float(hue.mean()), 2))
     if skipped:
         result["skipped"] = skipped
     if lpips_values:
@@ -125,7 +134,7 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
-            "latent_mean", "latent_std", "images_per_s"]
+            "chroma_kept", "chroma_kept_min", "hue_error_deg", "latent_mean", "latent_std", "images_per_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]

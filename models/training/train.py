@@ -54,6 +54,8 @@ def build_parser() -> Parser:
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--crop", type=multiple_of(8, 8), default=256, help="crop side, a multiple of 8 (default 256)")
     p.add_argument("--max-zoom", type=float_range(1.0), default=2.0, help="short side resized to [crop, crop*max_zoom]")
+    p.add_argument("--colour-aug", type=float_range(0.0, 1.0), default=0.0,
+                   help="share of crops recoloured: hue turned, saturation scaled (default 0: off)")
     p.add_argument("--lr", type=positive_float, default=2e-4)
     p.add_argument("--min-lr-ratio", type=float_range(0.0, 1.0), default=0.1, help="cosine decays to lr*ratio")
     p.add_argument("--warmup", type=nonnegative_int, default=500)
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
 
     val_files, train_files = files[-args.val_images:] if args.val_images else [], files[: len(files) - args.val_images]
-    dataset = data_mod.RandomCrops(train_files, crop=args.crop, max_zoom=args.max_zoom, seed=args.seed)
+    dataset = data_mod.RandomCrops(train_files, crop=args.crop, max_zoom=args.max_zoom, seed=args.seed,
+                                   colour_aug=args.colour_aug)
     val_batch = data_mod.center_crops(val_files, min(args.crop, 256)) if val_files else None
     val_batch = val_batch.to(device) if val_batch is not None else None
 

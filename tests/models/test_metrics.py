@@ -36,3 +36,20 @@ def test_ssim_refuses_images_smaller_than_its_window():
     a = np.zeros((10, 40, 3), np.uint8)
     with pytest.raises(ValueError, match="smaller than the SSIM window"):
         ssim(a, a)
+
+
+def test_chroma_fidelity_measures_saturation_kept_and_hue_turned():
+    from models.metrics import chroma_fidelity
+
+    rng = np.random.default_rng(0)
+    green = np.clip(np.full((32, 32, 3), (40, 180, 40)) + rng.integers(-5, 5, (32, 32, 3)), 0, 255).astype(np.uint8)
+    kept, hue = chroma_fidelity(green, green)
+    assert kept == pytest.approx(1.0) and hue == pytest.approx(0.0, abs=1e-6)
+    grey = green.mean(2, keepdims=True)
+    half = (grey + (green - grey) * 0.5).round().astype(np.uint8)  # half the chroma, same hue
+    kept, hue = chroma_fidelity(green, half)
+    assert kept == pytest.approx(0.5, abs=0.02) and hue < 2
+    turned = green[..., [2, 0, 1]]  # a third of a turn about the grey axis: 120 degrees of hue
+    kept, hue = chroma_fidelity(green, turned)
+    assert kept == pytest.approx(1.0, abs=0.1) and hue == pytest.approx(120, abs=10)  # BT.601 axes: not exact
+    assert chroma_fidelity(np.full((8, 8, 3), 128, np.uint8), green[:8, :8]) is None  # nothing saturated

@@ -295,3 +295,46 @@ def test_norm_groups_regroups_an_init_model_keeping_its_weights(tiny_vae_dir):
         assert not torch.allclose(vae(x).sample, ref(x).sample)
     with pytest.raises(ValueError, match="must divide every block width"):
         build_model(argparse.Namespace(**{**vars(args), "norm_groups": 3}))
+
+
+def test_colour_augmentation_turns_hue_keeps_brightness_and_is_deterministic(image_folder):
+    """--colour-aug: a turn of a third about the grey axis is a channel rotation; brightness is kept
+    (before the clip); the recoloured stream is still a pure function of (seed, k)."""
+    import math
+
+    from models.training.data import recolour
+
+    x = torch.rand(3, 16, 16) * 2 - 1
+    assert torch.allclose(recolour(x, 0.0, 1.0), x, atol=1e-6)
+    assert torch.allclose(recolour(x, 2 * math.pi / 3, 1.0), x[[2, 0, 1]], atol=1e-5)  # R -> G -> B -> R
+    grey = torch.zeros(3, 4, 4) + 0.3
+    assert torch.allclose(recolour(grey, 1.0, 1.7), grey)  # no chroma, nothing to turn
+    pale = (torch.rand(3, 16, 16) - 0.5) * 0.2  # far from the clip: brightness exactly kept, chroma scaled
+    more = recolour(pale, 0.7, 1.5)
+    assert torch.allclose(more.mean(0), pale.mean(0), atol=1e-6)
+    assert torch.allclose((more - more.mean(0)).norm(dim=0), 1.5 * (pale - pale.mean(0)).norm(dim=0), atol=1e-5)
+
+    files = list_images([image_folder])
+    plain, always = RandomCrops(files, crop=32, seed=3), RandomCrops(files, crop=32, seed=3, colour_aug=1.0)
+    again = RandomCrops(files, crop=32, seed=3, colour_aug=1.0)
+    grey = [torch.equal(plain[k][0], plain[k][1]) and torch.equal(plain[k][1], plain[k][2]) for k in range(8)]
+    changed = [not torch.allclose(plain[k], always[k]) for k in range(8)]
+    assert changed == [not g for g in grey] and sum(changed) >= 5  # a greyscale file has no hue to turn
+    assert all(torch.equal(always[k], again[k]) for k in range(8))
+    # brightness kept up to the clip (these test images are very saturated: 1 in 8 levels moves)
+    assert all(float((plain[k].mean(0) - always[k].mean(0)).abs().mean()) < 0.125 for k in range(8))
+    half = RandomCrops(files, crop=32, seed=3, colour_aug=0.5)
+    share = np.mean([not torch.equal(plain[k], half[k]) for k in range(300)])
+    assert 0.25 < share < 0.6  # half of the 5 colour files' crops
+
+
+def test_colour_aug_is_part_of_the_recipe(image_folder, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "2", "--colour-aug", "0.5")) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["colour_aug"] == 0.5
+    capsys.readouterr()
+    resume = [str(image_folder), "--out", str(out), "--resume", "--workers", "0", "--threads", "1"]
+    assert train.main([*resume, "--steps", "3", "--colour-aug", "0.2"]) == 2
+    assert "--colour-aug 0.2 (checkpoint: 0.5)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(_args(image_folder, tmp_path / "bad", tiny_config, "--colour-aug", "1.5"))

@@ -13,14 +13,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, mse: float = 0.0) -> torch.Tensor:
-    """Mean per pixel value; x, y are (N, 3, H, W) in [-1, 1]."""
+def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, mse: float = 0.0,
+                        colour: float = 0.0) -> torch.Tensor:
+    """Mean per pixel value; x, y are (N, 3, H, W) in [-1, 1].
+
+    `colour` weighs the MSE of the two images averaged over 8x8 blocks (one value per latent
+    position): the low-frequency colour, which a plain pixel loss weighs by its small share of the
+    error energy although it is what a person sees first (a green field turned grey)."""
     x, y = x.float(), y.float()
     loss = x.new_zeros(())
     if l1:
         loss = loss + l1 * (x - y).abs().mean()
     if mse:
         loss = loss + mse * F.mse_loss(x, y)
+    if colour:
+        loss = loss + colour * F.mse_loss(F.avg_pool2d(x, 8, ceil_mode=True), F.avg_pool2d(y, 8, ceil_mode=True))
     return loss
 
 

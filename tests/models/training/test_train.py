@@ -328,13 +328,27 @@ def test_colour_augmentation_turns_hue_keeps_brightness_and_is_deterministic(ima
     assert 0.25 < share < 0.6  # half of the 5 colour files' crops
 
 
-def test_colour_aug_is_part_of_the_recipe(image_folder, tiny_config, tmp_path, capsys):
+def test_colour_options_are_part_of_the_recipe(image_folder, tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(_args(image_folder, out, tiny_config, "--steps", "2", "--colour-aug", "0.5")) == 0
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["colour_aug"] == 0.5
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "2", "--colour-aug", "0.5", "--colour", "2")) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["args"]
+    assert saved["colour_aug"] == 0.5 and saved["colour"] == 2
     capsys.readouterr()
     resume = [str(image_folder), "--out", str(out), "--resume", "--workers", "0", "--threads", "1"]
     assert train.main([*resume, "--steps", "3", "--colour-aug", "0.2"]) == 2
     assert "--colour-aug 0.2 (checkpoint: 0.5)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.main(_args(image_folder, tmp_path / "bad", tiny_config, "--colour-aug", "1.5"))
+
+
+def test_colour_loss_weighs_low_frequency_colour_only():
+    """--colour: an 8x8-block mean error (a tint) costs; a pattern that averages out in every block does not."""
+    from models.training.losses import reconstruction_loss
+
+    x = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    checker = (torch.arange(32).view(1, -1) + torch.arange(32).view(-1, 1)) % 2 * 0.2 - 0.1  # zero mean per 8x8
+    tint = torch.tensor([0.0, -0.1, 0.0]).view(1, 3, 1, 1)  # a green loss of 12.75 levels
+    assert reconstruction_loss(x, x + checker, l1=0, mse=0, colour=1) == pytest.approx(0, abs=1e-12)
+    assert reconstruction_loss(x, x + tint, l1=0, mse=0, colour=1) == pytest.approx(0.01 / 3, rel=1e-4)
+    both = reconstruction_loss(x, x + tint, l1=0, mse=1, colour=4)
+    assert both == pytest.approx(5 * 0.01 / 3, rel=1e-4)  # a tint is as large per block as per pixel

@@ -132,6 +132,30 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     return result
 
 
+# A flat field at 12 hues, 30 degrees apart (same brightness and saturation as (204, 51, 51)),
+# with +-10 levels of noise: the plainest test of whether a decoder can hold a colour.
+FLAT_SIZE, FLAT_NOISE = 128, 0.08
+
+
+@torch.inference_mode()
+def flat_colours(vae) -> dict[str, list[float]]:
+    """Chroma kept and hue error (models.metrics.chroma_fidelity) of flat noisy fields at 0, 30, ...,
+    330 degrees of hue (0 red, 120 green, 240 blue)."""
+    from models.training.data import recolour
+    from models.metrics import chroma_fidelity
+
+    red = torch.tensor([0.6, -0.6, -0.6]).view(3, 1, 1).expand(3, FLAT_SIZE, FLAT_SIZE)
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-FLAT_NOISE, FLAT_NOISE, (3, FLAT_SIZE, FLAT_SIZE)))
+    kept, hue_error = [], []
+    for k in range(12):
+        x = (recolour(red, 2 * math.pi * k / 12, 1.0) + noise.float()).clamp(-1, 1)[None]
+        recon, _ = reconstruct(vae, x)
+        fidelity = chroma_fidelity(imaging.to_uint8(x)[0].numpy(), recon[0].numpy())
+        kept.append(round(fidelity[0], 3))
+        hue_error.append(round(fidelity[1], 1))
+    return {"hue_deg": [30 * k for k in range(12)], "chroma_kept": kept, "hue_error_deg": hue_error}
+
+
 def markdown_table(rows: list[dict]) -> str:
     cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
             "chroma_kept", "chroma_kept_min", "hue_error_deg", "latent_mean", "latent_std", "images_per_s"]
@@ -152,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--lpips-weights", help="local LPIPS-VGG weights file (enables LPIPS)")
+    p.add_argument("--flat-colours", action="store_true",
+                   help="also reconstruct flat fields at 12 hues and report the chroma each keeps")
     p.add_argument("--out", help="write JSON here (and a Markdown table beside it, .md)")
     args = p.parse_args(argv)
 
@@ -182,8 +208,15 @@ def main(argv=None) -> int:
         except NoImagesError as exc:
             return fail(PROG, f"{folder}: {exc}")
         rows.append({"model": args.model, "data": folder, "size": args.size or "full", "dtype": args.dtype, **result})
+    if args.flat_colours:
+        flat = flat_colours(vae)
+        for row in rows:
+            row["flat_colours"] = flat
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     print(markdown_table(rows))
+    if args.flat_colours:
+        print("flat field hue (deg) | " + " | ".join(map(str, flat["hue_deg"])))
+        print("chroma kept          | " + " | ".join(map(str, flat["chroma_kept"])))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

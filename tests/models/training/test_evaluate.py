@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.training.evaluate import main as eval_main
@@ -94,3 +95,49 @@ def test_vae_eval_unusable_data_is_one_line(case, tiny_vae_dir, tmp_path, capsys
     assert eval_main([str(tiny_vae_dir), "--data", str(data)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("vae eval: error:") and str(data) in err[-1]
+
+
+class _Posterior:
+    def __init__(self, z):
+        self.z = z
+
+    def mode(self):
+        return self.z
+
+
+class _Out:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _PassThrough(torch.nn.Module):
+    """A 'VAE' whose decode(encode(x)) is x, or x's grey level with `grey=True`."""
+
+    def __init__(self, grey: bool = False):
+        super().__init__()
+        self.grey = grey
+        self.w = torch.nn.Parameter(torch.zeros(()))  # reconstruct() reads the dtype and device here
+
+    def encode(self, x):
+        return _Out(latent_dist=_Posterior(x))
+
+    def decode(self, z):
+        return _Out(sample=z.mean(1, keepdim=True).expand_as(z) if self.grey else z)
+
+
+def test_flat_colours_tells_a_faithful_decoder_from_a_greying_one():
+    from models.training.evaluate import flat_colours
+
+    faithful, grey = flat_colours(_PassThrough()), flat_colours(_PassThrough(grey=True))
+    assert faithful["hue_deg"] == list(range(0, 360, 30))
+    assert all(k == pytest.approx(1, abs=0.01) for k in faithful["chroma_kept"])
+    assert all(e < 1 for e in faithful["hue_error_deg"])
+    assert all(k < 0.1 for k in grey["chroma_kept"])
+
+
+def test_vae_eval_flat_colours_option(tiny_vae_dir, photos_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--limit", "1", "--flat-colours", "--out", str(out)]) == 0
+    flat = json.loads(out.read_text())[0]["flat_colours"]
+    assert len(flat["chroma_kept"]) == 12 and all(0 <= k < 5 for k in flat["chroma_kept"])
+    assert "chroma kept" in capsys.readouterr().out

@@ -93,8 +93,9 @@ class RandomCrops(Dataset):
     at the image's own short side, never upsampled past it unless the image is smaller than the
     crop), then a random crop and a random horizontal flip. With `colour_aug` > 0, that share of the
     crops also has its colours turned about the grey axis and its saturation scaled
-    (`recolour`): photographs hold few saturated greens and yellows, and a decoder that never
-    has to reproduce them turns them grey-brown (models/default/README.md, "What it gets wrong").
+    (`recolour`): photographs hold few saturated greens and purples, so every hue becomes as common
+    as the orange-blue of daylight (an experiment against the default model's green loss; it did not
+    cure it in a few hundred steps: models/default/README.md, "v3 campaign").
 
     A file that fails to decode (truncated after a good header, say) is named once on stderr and
     replaced by the next file in the list that decodes: whether a file decodes does not depend on

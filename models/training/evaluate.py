@@ -142,7 +142,6 @@ def flat_colours(vae) -> dict[str, list[float]]:
     """Chroma kept and hue error (models.metrics.chroma_fidelity) of flat noisy fields at 0, 30, ...,
     330 degrees of hue (0 red, 120 green, 240 blue)."""
     from models.training.data import recolour
-    from models.metrics import chroma_fidelity
 
     red = torch.tensor([0.6, -0.6, -0.6]).view(3, 1, 1).expand(3, FLAT_SIZE, FLAT_SIZE)
     noise = torch.from_numpy(np.random.default_rng(0).uniform(-FLAT_NOISE, FLAT_NOISE, (3, FLAT_SIZE, FLAT_SIZE)))

@@ -20,7 +20,7 @@ from PIL import Image
 from models.options import Parser, fail, int_range, positive_int
 from models.vae import imaging
 from models.vae.imaging import resize_center_crop
-from models.training.data import MAX_TRAIN_PIXELS, list_images
+from models.training.data import MAX_TRAIN_PIXELS, list_images, recolour
 from models.metrics import chroma_fidelity, mean_psnr, psnr, ssim
 
 PROG = "vae eval"
@@ -141,8 +141,6 @@ FLAT_SIZE, FLAT_NOISE = 128, 0.08
 def flat_colours(vae) -> dict[str, list[float]]:
     """Chroma kept and hue error (models.metrics.chroma_fidelity) of flat noisy fields at 0, 30, ...,
     330 degrees of hue (0 red, 120 green, 240 blue)."""
-    from models.training.data import recolour
-
     red = torch.tensor([0.6, -0.6, -0.6]).view(3, 1, 1).expand(3, FLAT_SIZE, FLAT_SIZE)
     noise = torch.from_numpy(np.random.default_rng(0).uniform(-FLAT_NOISE, FLAT_NOISE, (3, FLAT_SIZE, FLAT_SIZE)))
     kept, hue_error = [], []

@@ -67,6 +67,7 @@ def build_parser() -> Parser:
     p.add_argument("--mse", type=nonnegative_float, default=1.0, help="MSE reconstruction weight")
     p.add_argument("--colour", type=nonnegative_float, default=0.0,
                    help="weight of the MSE of 8x8-block means: low-frequency colour (default 0: off)")
+    p.add_argument("--ssim", type=nonnegative_float, default=0.0, help="weight of 1 - SSIM (default 0: off)")
     p.add_argument("--kl-weight", type=nonnegative_float, default=1e-6, help="LDM-equivalent KL weight (see losses.py)")
     p.add_argument("--disc-start", type=int_range(-1), default=-1, help="step at which the PatchGAN starts (-1: off)")
     p.add_argument("--disc-weight", type=nonnegative_float, default=0.5)
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
                 with accelerator.autocast():
                     posterior = vae.encode(x).latent_dist if not args.decoder_only else raw_vae.encode(x).latent_dist
                     recon = vae.decode(posterior.sample()).sample
-                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour)
+                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour, args.ssim)
                 if perceptual is not None:
                     rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
                 kl = losses.kl_loss(posterior.mean, posterior.logvar, pixels)

@@ -352,3 +352,27 @@ def test_colour_loss_weighs_low_frequency_colour_only():
     assert reconstruction_loss(x, x + tint, l1=0, mse=0, colour=1) == pytest.approx(0.01 / 3, rel=1e-4)
     both = reconstruction_loss(x, x + tint, l1=0, mse=1, colour=4)
     assert both == pytest.approx(5 * 0.01 / 3, rel=1e-4)  # a tint is as large per block as per pixel
+
+
+def test_ssim_loss_is_the_evaluation_ssim_and_differentiable(photos_dir):
+    """--ssim: `ssim_index` on [-1, 1] tensors equals models.metrics.ssim on the uint8 images (the
+    figure `vae eval` reports), so the loss trains exactly what is measured; 1 for identical images."""
+    from PIL import Image
+
+    from models.metrics import ssim
+    from models.training.losses import reconstruction_loss, ssim_index
+
+    photo = next(iter(sorted(photos_dir.iterdir())))
+    a = np.asarray(Image.open(photo).convert("RGB").resize((96, 64)))
+    noise = np.random.default_rng(0).integers(-40, 41, a.shape)
+    b = np.clip(a.astype(int) + noise, 0, 255).astype(np.uint8)
+    as_tensor = lambda img: torch.from_numpy(img).permute(2, 0, 1)[None].double() / 127.5 - 1
+    x, y = as_tensor(a), as_tensor(b).requires_grad_(True)
+    index = ssim_index(x, y)
+    assert float(index) == pytest.approx(ssim(a, b), abs=1e-9)
+    assert float(index) < 0.9
+    assert float(ssim_index(x, x)) == pytest.approx(1.0, abs=1e-12)
+    loss = reconstruction_loss(x, y, l1=0, mse=0, ssim=1)
+    assert float(loss) == pytest.approx(1 - ssim(a, b), abs=1e-6)
+    loss.backward()
+    assert y.grad is not None and float(y.grad.abs().sum()) > 0

@@ -376,3 +376,36 @@ def test_ssim_loss_is_the_evaluation_ssim_and_differentiable(photos_dir):
     assert float(loss) == pytest.approx(1 - ssim(a, b), abs=1e-6)
     loss.backward()
     assert y.grad is not None and float(y.grad.abs().sum()) > 0
+
+
+def test_latent_colour_probe_reads_block_colour_and_resumes(image_folder, tiny_config, tmp_path):
+    """--latent-colour: zero loss for a latent that holds each block's colour linearly, the lost
+    channel's block variance for one that lacks it; the probe is trained, checkpointed and resumed,
+    and is not part of the exported model."""
+    from safetensors.torch import load_file
+
+    from models.training.losses import LatentColourProbe, colour_probe_loss
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    blocks = torch.nn.functional.avg_pool2d(x, 8)
+    probe = LatentColourProbe(4)
+    with torch.no_grad():
+        probe.read.weight.zero_()
+        probe.read.bias.zero_()
+        probe.read.weight[:, :3, 0, 0] = torch.eye(3)
+    holds = torch.cat([blocks, torch.randn(2, 1, 4, 4)], 1)  # colour in 3 channels, anything in the 4th
+    assert float(colour_probe_loss(probe, holds, x)) == pytest.approx(0, abs=1e-12)
+    no_green = holds.clone()
+    no_green[:, 1] = 0
+    assert float(colour_probe_loss(probe, no_green, x)) == pytest.approx(float(blocks[:, 1].pow(2).mean()) / 3, rel=1e-5)
+
+    out = tmp_path / "run"
+    assert train.main(_args(image_folder, out, tiny_config, "--steps", "3", "--latent-colour", "2")) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    start = saved["probe"]["read.weight"].clone()
+    assert saved["args"]["latent_colour"] == 2
+    resume = [str(image_folder), "--out", str(out), "--resume", "--workers", "0", "--threads", "1"]
+    assert train.main([*resume, "--steps", "5"]) == 0
+    after = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 5 and not torch.equal(after["probe"]["read.weight"], start)
+    assert not any("probe" in k or "read." in k for k in load_file(out / "model" / "diffusion_pytorch_model.safetensors"))

@@ -69,7 +69,7 @@ def build_parser() -> Parser:
                    help="weight of the MSE of 8x8-block means: low-frequency colour (default 0: off)")
     p.add_argument("--ssim", type=nonnegative_float, default=0.0, help="weight of 1 - SSIM (default 0: off)")
     p.add_argument("--latent-colour", type=nonnegative_float, default=0.0,
-                   help="weight of a linear read-out of each latent's 8x8-block colour (default 0: off)")
+                   help="weight of how badly each latent's 8x8-block colour is read linearly (default 0: off)")
     p.add_argument("--kl-weight", type=nonnegative_float, default=1e-6, help="LDM-equivalent KL weight (see losses.py)")
     p.add_argument("--disc-start", type=int_range(-1), default=-1, help="step at which the PatchGAN starts (-1: off)")
     p.add_argument("--disc-weight", type=nonnegative_float, default=0.5)
@@ -223,9 +223,6 @@ def main(argv=None) -> int:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    probe = losses.LatentColourProbe(vae.config.latent_channels) if args.latent_colour else None
-    if probe is not None:
-        params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     ema = EMAModel(vae.parameters(), decay=args.ema, model_cls=type(vae), model_config=vae.config)
@@ -248,15 +245,11 @@ def main(argv=None) -> int:
     if state is not None:
         try:
             restore(state, vae, opt, sched, ema, (disc, opt_d, sched_d) if use_gan else None)
-            if probe is not None:
-                probe.load_state_dict(state["probe"])
         except (KeyError, RuntimeError, ValueError) as exc:
             return fail(PROG, f"{ckpt_path} does not fit this run's model: {type(exc).__name__}: {exc}")
         step = state["step"]
         set_rng_state(state["rng"])
     vae, opt, sched = accelerator.prepare(vae, opt, sched)
-    if probe is not None:
-        probe = accelerator.prepare(probe)
     if use_gan:
         disc, opt_d, sched_d = accelerator.prepare(disc, opt_d, sched_d)
     ema.to(device)
@@ -296,7 +289,6 @@ def main(argv=None) -> int:
             "sched": sched.state_dict(), "ema": ema.state_dict(), "rng": rng_state(),
             **({"disc": accelerator.unwrap_model(disc).state_dict(), "opt_d": opt_d.state_dict(),
                 "sched_d": sched_d.state_dict()} if use_gan else {}),
-            **({"probe": accelerator.unwrap_model(probe).state_dict()} if probe is not None else {}),
         }, ckpt_path)
 
     def export(final: bool):
@@ -331,8 +323,8 @@ def main(argv=None) -> int:
                     rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
                 kl = losses.kl_loss(posterior.mean, posterior.logvar, pixels)
                 loss = rec + args.kl_weight * kl
-                if probe is not None:
-                    loss = loss + args.latent_colour * losses.colour_probe_loss(probe, posterior.mean, x)
+                if args.latent_colour:
+                    loss = loss + args.latent_colour * losses.latent_colour_loss(posterior.mean, x)
                 g_loss = d_loss = torch.zeros(())
                 gan_on = use_gan and step >= args.disc_start
                 if gan_on:

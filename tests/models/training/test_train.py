@@ -384,16 +384,21 @@ def test_latent_colour_loss_asks_for_linearly_readable_block_colour(image_folder
     from models.training.losses import latent_colour_loss
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 64, 64, generator=gen) * 2 - 1
+    coarse = torch.rand(4, 3, 8, 8, generator=gen) * 1.6 - 0.8  # block colours vary as in photos
+    x = torch.nn.functional.interpolate(coarse, scale_factor=8) + 0.2 * torch.rand(4, 3, 64, 64, generator=gen) - 0.1
     blocks = torch.nn.functional.avg_pool2d(x, 8)
     holds = torch.cat([blocks, torch.randn(4, 1, 8, 8, generator=gen)], 1)
     mix = torch.randn(4, 4, generator=gen) + 3 * torch.eye(4)
-    mixed = torch.einsum("ij,njhw->nihw", mix, holds) + 1.5
+    mixed = torch.einsum("ij,njhw->nihw", mix, holds) + 1.5  # any linear code of the colour, shifted
     green_var = float(blocks[:, 1].var())
     assert float(latent_colour_loss(mixed, x)) < 1e-3 * green_var / 3
     no_green = holds.clone()
     no_green[:, 1] = torch.randn(4, 8, 8, generator=gen)  # green replaced by something unrelated
     assert float(latent_colour_loss(no_green, x)) == pytest.approx(green_var / 3, rel=0.1)
+    # latents that hardly vary (a flat crop) get a small gradient, not one scaled by a huge read-out
+    flat = (torch.ones(4, 4, 8, 8) + 1e-4 * torch.randn(4, 4, 8, 8, generator=gen)).requires_grad_(True)
+    latent_colour_loss(flat, x).backward()
+    assert float(flat.grad.abs().max()) < 1e-3
 
     out = tmp_path / "run"
     assert train.main(_args(image_folder, out, tiny_config, "--steps", "2", "--latent-colour", "2")) == 0

@@ -101,3 +101,43 @@ def chroma_fidelity(reference, test, threshold: float = SATURATED_CHROMA) -> tup
     cos = (ca * cb).sum(1) / np.maximum(length_a * length_b, 1e-9)
     hue_error = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     return float(length_b.mean() / length_a.mean()), float(hue_error.mean())
+
+
+# --------------------------------------------------------------------------- low-frequency colour
+# Per 8x8 block (one latent position of an f8 VAE): how the reconstruction carries the block's mean
+# colour, along the two chroma axes of the evaluated images themselves (their principal components
+# in BT.601 Cb/Cr; in daylight photographs the first is orange-blue, the second green-magenta).
+
+def block_ycbcr(image, block: int = 8) -> np.ndarray:
+    """(blocks, 3) mean Y, Cb, Cr (8-bit levels) of each whole `block` x `block` block of a uint8 image."""
+    a = _as_uint8_hwc(image).astype(np.float64)
+    h, w = a.shape[0] // block * block, a.shape[1] // block * block
+    means = a[:h, :w].reshape(h // block, block, w // block, block, 3).mean((1, 3)).reshape(-1, 3)
+    y = means @ np.array([0.299, 0.587, 0.114])
+    return np.column_stack([y, means @ _CBCR.T])
+
+
+def chroma_axes(reference_blocks: np.ndarray) -> np.ndarray:
+    """(2, 2) unit vectors in (Cb, Cr): the first and second principal axes of the blocks' chroma."""
+    values, vectors = np.linalg.eigh(np.cov(reference_blocks[:, 1:].T))
+    return vectors[:, ::-1].T
+
+
+def block_colour_gain(reference_blocks: np.ndarray, test_blocks: np.ndarray) -> list[float]:
+    """Gain of the test's block chroma along each chroma axis of the reference (1: kept, 0: lost):
+    the length of the least-squares chroma transfer (test on reference, both centred) applied to
+    the axis."""
+    ref = reference_blocks[:, 1:] - reference_blocks[:, 1:].mean(0)
+    test = test_blocks[:, 1:] - test_blocks[:, 1:].mean(0)
+    transfer = np.linalg.lstsq(ref, test, rcond=None)[0].T
+    return [float(np.linalg.norm(transfer @ axis)) for axis in chroma_axes(reference_blocks)]
+
+
+def linear_r2(features: np.ndarray, reference_blocks: np.ndarray) -> list[float]:
+    """R^2 of the best linear read-out (with a constant) of the blocks' Y and their chroma along the
+    two axes from `features` (e.g. each block's latent vector): how much of each a latent holds."""
+    axes = chroma_axes(reference_blocks)
+    targets = np.column_stack([reference_blocks[:, 0], (reference_blocks[:, 1:] - reference_blocks[:, 1:].mean(0)) @ axes.T])
+    design = np.column_stack([features, np.ones(len(features))])
+    fit = design @ np.linalg.lstsq(design, targets, rcond=None)[0]
+    return [float(v) for v in 1 - ((fit - targets) ** 2).mean(0) / np.maximum(targets.var(0), 1e-12)]

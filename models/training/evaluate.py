@@ -21,7 +21,7 @@ from models.options import Parser, fail, int_range, positive_int
 from models.vae import imaging
 from models.vae.imaging import resize_center_crop
 from models.training.data import MAX_TRAIN_PIXELS, list_images, recolour
-from models.metrics import chroma_fidelity, mean_psnr, psnr, ssim
+from models.metrics import block_colour_gain, block_ycbcr, chroma_fidelity, linear_r2, mean_psnr, psnr, ssim
 
 PROG = "vae eval"
 # --size beyond this makes images past the service's own pixel limit (imaging.DEFAULT_MAX_PIXELS).
@@ -55,6 +55,7 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     from tqdm.auto import tqdm
 
     psnrs, ssims, lpips_values, offsets, chromas = [], [], [], [], []
+    ref_blocks, rec_blocks, latent_blocks = [], [], []
     z_sum = z_sq = z_count = 0.0
     model_seconds = 0.0
     batch: list[Image.Image] = []
@@ -67,7 +68,12 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         recon, z = reconstruct(vae, x)
         model_seconds += time.perf_counter() - start
         reference = imaging.to_uint8(x)
-        for ref, out in zip(reference.numpy(), recon.numpy()):
+        for ref, out, latent in zip(reference.numpy(), recon.numpy(), z.numpy()):
+            ref_blocks.append(block_ycbcr(ref))
+            rec_blocks.append(block_ycbcr(out))
+            rows, cols = ref.shape[0] // 8, ref.shape[1] // 8
+            if latent.shape[1:] == (math.ceil(ref.shape[0] / 8), math.ceil(ref.shape[1] / 8)):  # an f8 model
+                latent_blocks.append(latent[:, :rows, :cols].reshape(latent.shape[0], -1).T)
             psnrs.append(psnr(ref, out))
             ssims.append(ssim(ref, out))
             offsets.append(colour_offset(ref, out))
@@ -125,6 +131,14 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
         kept, hue = np.array(chromas).T
         result.update(saturated_images=len(chromas), chroma_kept=round(float(kept.mean()), 3),
                       chroma_kept_min=round(float(kept.min()), 3), hue_error_deg=round(float(hue.mean()), 2))
+    # The 8x8-block mean colour (one latent position of an f8 model) along the images' own two chroma
+    # axes (orange-blue, then green-magenta in photographs): the reconstruction's gain on each
+    # (1: kept), and how much of Y and each axis the latent holds linearly (R^2).
+    ref_blocks, rec_blocks = np.concatenate(ref_blocks), np.concatenate(rec_blocks)
+    if len(ref_blocks) > 2:
+        result["block_chroma_gain"] = [round(v, 3) for v in block_colour_gain(ref_blocks, rec_blocks)]
+        if len(latent_blocks) == len(psnrs):
+            result["latent_colour_r2"] = [round(v, 3) for v in linear_r2(np.concatenate(latent_blocks), ref_blocks)]
     if skipped:
         result["skipped"] = skipped
     if lpips_values:
@@ -155,7 +169,7 @@ def flat_colours(vae) -> dict[str, list[float]]:
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
-            "chroma_kept", "chroma_kept_min", "hue_error_deg", "latent_mean", "latent_std", "images_per_s"]
+            "chroma_kept", "chroma_kept_min", "hue_error_deg", "block_chroma_gain", "latent_colour_r2", "latent_mean", "latent_std", "images_per_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]

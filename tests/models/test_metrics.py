@@ -53,3 +53,31 @@ def test_chroma_fidelity_measures_saturation_kept_and_hue_turned():
     kept, hue = chroma_fidelity(green, turned)
     assert kept == pytest.approx(1.0, abs=0.1) and hue == pytest.approx(120, abs=10)  # BT.601 axes: not exact
     assert chroma_fidelity(np.full((8, 8, 3), 128, np.uint8), green[:8, :8]) is None  # nothing saturated
+
+
+def test_block_colour_gain_and_latent_r2_find_a_lost_chroma_axis(photos_dir):
+    """On real photos: an identity keeps both chroma axes (gain 1); removing the second axis from
+    every pixel's chroma leaves the first at 1 and the second near 0; a 'latent' that holds the
+    block's Y and first axis but not the second has R^2 near 1, 1, 0."""
+    from models.metrics import _CBCR, block_colour_gain, block_ycbcr, chroma_axes, linear_r2
+
+    photos = [np.asarray(Image.open(p).convert("RGB").resize((128, 96))) for p in sorted(photos_dir.iterdir())]
+    ref = np.concatenate([block_ycbcr(p) for p in photos])
+    assert ref.shape == (4 * 16 * 12, 3)
+    assert block_colour_gain(ref, ref) == pytest.approx([1, 1], abs=1e-9)
+    second = chroma_axes(ref)[1]
+    # take the second axis out of every pixel's chroma (RGB moves along the pseudo-inverse of Cb/Cr)
+    flattened = []
+    for p in photos:
+        x = p.reshape(-1, 3).astype(np.float64)
+        along = (x @ _CBCR.T) @ second
+        flattened.append(np.clip(x - np.outer(along, second) @ np.linalg.pinv(_CBCR).T, 0, 255).round().astype(np.uint8).reshape(p.shape))
+    test = np.concatenate([block_ycbcr(p) for p in flattened])
+    first_gain, second_gain = block_colour_gain(ref, test)
+    assert first_gain == pytest.approx(1, abs=0.05) and second_gain < 0.1
+    rng = np.random.default_rng(0)
+    holds = np.column_stack([ref[:, 0], (ref[:, 1:] - ref[:, 1:].mean(0)) @ chroma_axes(ref)[0], rng.normal(size=(len(ref), 2))])
+    y_r2, first_r2, second_r2 = linear_r2(holds, ref)
+    assert [y_r2, first_r2] == pytest.approx([1, 1]) and second_r2 < 0.3  # what Y happens to predict of it
+    holds[:, 2] = (ref[:, 1:] - ref[:, 1:].mean(0)) @ second * 0.5 + 3
+    assert linear_r2(holds, ref) == pytest.approx([1, 1, 1])

@@ -48,6 +48,8 @@ def test_vae_eval_cli_writes_json_and_markdown(tiny_vae_dir, photos_dir, tmp_pat
     assert rows[0]["latent_std"] > 0 and rows[0]["suggested_scaling_factor"] == pytest.approx(
         1 / rows[0]["latent_std"], rel=1e-2)
     assert "| psnr |" in out.with_suffix(".md").read_text()
+    assert len(rows[0]["block_chroma_gain"]) == 2 and len(rows[0]["latent_colour_r2"]) == 3  # an f8 model
+    assert all(r <= 1 for r in rows[0]["latent_colour_r2"])
     # full-size mode pads 768x512 to a multiple of 8 and crops back (sides already multiples of 8 here)
     assert eval_main([str(tiny_vae_dir), "--data", str(photos_dir), "--limit", "1"]) == 0
     assert "full" in capsys.readouterr().out
@@ -133,6 +135,16 @@ def test_flat_colours_tells_a_faithful_decoder_from_a_greying_one():
     assert all(k == pytest.approx(1, abs=0.01) for k in faithful["chroma_kept"])
     assert all(e < 1 for e in faithful["hue_error_deg"])
     assert all(k < 0.1 for k in grey["chroma_kept"])
+
+
+def test_evaluate_reports_the_block_chroma_gain(photos_dir):
+    from models.training.evaluate import evaluate
+
+    files = sorted(photos_dir.iterdir())
+    faithful, grey = evaluate(_PassThrough(), files, size=64, progress=False), evaluate(_PassThrough(True), files, size=64, progress=False)
+    assert faithful["block_chroma_gain"] == pytest.approx([1, 1], abs=0.02)
+    assert all(g < 0.05 for g in grey["block_chroma_gain"])
+    assert "latent_colour_r2" not in faithful  # its 'latent' is the image, not one position per 8x8 block
 
 
 def test_vae_eval_flat_colours_option(tiny_vae_dir, photos_dir, tmp_path, capsys):

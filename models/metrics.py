@@ -119,7 +119,7 @@ def block_ycbcr(image, block: int = 8) -> np.ndarray:
 
 def chroma_axes(reference_blocks: np.ndarray) -> np.ndarray:
     """(2, 2) unit vectors in (Cb, Cr): the first and second principal axes of the blocks' chroma."""
-    values, vectors = np.linalg.eigh(np.cov(reference_blocks[:, 1:].T))
+    _, vectors = np.linalg.eigh(np.cov(reference_blocks[:, 1:].T))  # ascending eigenvalues
     return vectors[:, ::-1].T
 
 

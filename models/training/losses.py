@@ -75,8 +75,8 @@ def latent_colour_loss(z_mean: torch.Tensor, x: torch.Tensor, ridge: float = 1e-
 
     `ridge` is in latent units squared (real images' latents vary by 1 to 3): a batch whose latents
     hardly vary (a flat sky) would otherwise get a huge read-out, and the gradient, which is the
-    residual times the read-out, would be huge too (the test's flat batch: 0.6 per element with a
-    negligible ridge, 2e-6 with this one)."""
+    residual times the read-out, would be huge too (a flat batch like the test's: a gradient of
+    order 1 per element with a negligible ridge, of order 1e-6 with this one)."""
     z = z_mean.float().permute(0, 2, 3, 1).reshape(-1, z_mean.shape[1])
     colour = F.avg_pool2d(x.float(), x.shape[-1] // z_mean.shape[-1]).permute(0, 2, 3, 1).reshape(-1, 3)
     z, colour = z - z.mean(0), colour - colour.mean(0)

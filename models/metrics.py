@@ -30,7 +30,7 @@ def psnr(reference, test) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
+def gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
     """scipy.ndimage.gaussian_filter's 1-D kernel (radius int(truncate * sigma + 0.5) = 5: 11 taps)."""
     radius = int(truncate * sigma + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -57,7 +57,7 @@ def ssim(reference, test) -> float:
     a, b = _as_uint8_hwc(reference), _as_uint8_hwc(test)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    w = _gaussian_window()
+    w = gaussian_window()
     if min(a.shape[:2]) < len(w):
         raise ValueError(f"images of {a.shape[1]}x{a.shape[0]} are smaller than the SSIM window ({len(w)})")
     x, y = a.astype(np.float64), b.astype(np.float64)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.metrics import gaussian_window
+
 
 def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, mse: float = 0.0,
                         colour: float = 0.0, ssim: float = 0.0) -> torch.Tensor:
@@ -36,19 +38,13 @@ def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, l1: float = 1.0, mse: 
     return loss
 
 
-def _gaussian_taps(sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (taps / sigma) ** 2)
-    return w / w.sum()
-
-
 def ssim_index(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of (N, 3, H, W) images in [-1, 1], differentiable; the same definition as
     `models.metrics.ssim` (11-tap gaussian window, sigma 1.5, positions where the window fits,
     per channel, then averaged). Computed on [0, 1] values: SSIM's luminance term is not shift
     invariant, and the metric sees 0..255."""
     x, y = (x + 1) / 2, (y + 1) / 2
-    w = _gaussian_taps().to(x)
+    w = torch.from_numpy(gaussian_window()).to(x)  # the metric's own window
     c = x.shape[1]
     rows, cols = w.view(1, 1, -1, 1).repeat(c, 1, 1, 1), w.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
 

@@ -88,6 +88,25 @@ def multiple_of(factor: int, low: int):
     return check
 
 
+def list_of(item):
+    """A comma-separated list of values that each pass `item` (an option type above), as a tuple."""
+
+    def check(text: str) -> tuple:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list with no empty item, got {text!r}")
+        values = []
+        for part in parts:
+            try:
+                values.append(item(part))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{exc} (in the list {text!r})") from None
+        return tuple(values)
+
+    check.__name__ = "list"
+    return check
+
+
 positive_int = int_range(1)
 nonnegative_int = int_range(0)
 finite_float = float_range()

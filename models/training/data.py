@@ -97,17 +97,23 @@ class RandomCrops(Dataset):
     as the orange-blue of daylight (an experiment against the default model's green loss; it did not
     cure it in a few hundred steps: models/default/README.md, "v3 campaign").
 
+    With `sizes`, each optimiser step draws its crop side from them (`step_crop`, a pure function of
+    (seed, step); item k belongs to step k // samples_per_step): GroupNorm and the mid-block attention
+    take statistics over the whole image, so a model that only ever saw one side learns that side's
+    statistics and shifts colour at others (the default model at Kodak's 768x512, trained at 256).
+
     A file that fails to decode (truncated after a good header, say) is named once on stderr and
     replaced by the next file in the list that decodes: whether a file decodes does not depend on
     when it is read, so the stream stays a pure function of (seed, k) and `--resume` sees it too.
     """
 
     def __init__(self, files, crop: int = 256, max_zoom: float = 2.0, seed: int = 0, cache: bool = True,
-                 colour_aug: float = 0.0):
+                 colour_aug: float = 0.0, sizes: tuple[int, ...] = (), samples_per_step: int = 1):
         self.files = list(files)
         if not self.files:
             raise ValueError("no training images found")
         self.crop, self.max_zoom, self.seed, self.cache = crop, max_zoom, seed, cache
+        self.sizes, self.samples_per_step = tuple(sizes), samples_per_step
         self.colour_aug = colour_aug
         self._cache: dict[int, Image.Image] = {}  # per worker; decoded once, downsized
         self._bad: dict[int, str] = {}  # per worker: files that failed to decode, and why
@@ -118,7 +124,8 @@ class RandomCrops(Dataset):
     def _image(self, index: int) -> Image.Image:
         im = self._cache.get(index)
         if im is None:
-            im = load_rgb(self.files[index], max_short_side=int(self.crop * self.max_zoom))
+            largest = max((self.crop, *self.sizes))
+            im = load_rgb(self.files[index], max_short_side=int(largest * self.max_zoom))
             if self.cache:
                 self._cache[index] = im
         return im
@@ -138,8 +145,15 @@ class RandomCrops(Dataset):
         epoch, pos = divmod(k, n)
         return int(np.random.default_rng([self.seed, epoch]).permutation(n)[pos])
 
+    def step_crop(self, step: int) -> int:
+        """The crop side of optimiser step `step`: `crop`, or one of `sizes` drawn uniformly."""
+        if not self.sizes:
+            return self.crop
+        return self.sizes[int(np.random.default_rng([self.seed, 2, step]).integers(len(self.sizes)))]
+
     def __getitem__(self, k: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, 1, k])
+        crop = self.step_crop(k // self.samples_per_step)
         first, n = self.file_index(k), len(self.files)
         for offset in range(n):
             im = self._usable((first + offset) % n)
@@ -148,19 +162,25 @@ class RandomCrops(Dataset):
         else:
             raise RuntimeError(f"none of the {n} training images can be decoded")
         short = min(im.size)
-        hi = max(self.crop, min(short, int(self.crop * self.max_zoom)))
-        target = int(rng.integers(self.crop, hi + 1))
+        hi = max(crop, min(short, int(crop * self.max_zoom)))
+        target = int(rng.integers(crop, hi + 1))
         if target != short:
             im = resize_short_side(im, target)
-        left = int(rng.integers(0, im.width - self.crop + 1))
-        top = int(rng.integers(0, im.height - self.crop + 1))
-        im = im.crop((left, top, left + self.crop, top + self.crop))
+        left = int(rng.integers(0, im.width - crop + 1))
+        top = int(rng.integers(0, im.height - crop + 1))
+        im = im.crop((left, top, left + crop, top + crop))
         if rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         x = to_signed_tensor(im)
         if self.colour_aug and rng.random() < self.colour_aug:
             x = recolour(x, hue=float(rng.uniform(0, 2 * math.pi)), saturation=float(rng.uniform(*SATURATION_RANGE)))
         return x
+
+
+def batch_for_side(batch_size: int, crop: int, side: int) -> int:
+    """How many of a step's `batch_size` crops of side `side` to train on: pixels per step stay
+    near batch_size x crop^2 (so a step costs about the same at every side), and at least one."""
+    return max(1, round(batch_size * (crop / side) ** 2))
 
 
 # Saturation scale of a recoloured crop: mostly more saturated (the colours the decoder loses).

@@ -68,8 +68,11 @@ def measure_latent_factors(vae, dataset, autocast, n: int = 64, batch: int = 8) 
     vae.eval()
     zs = []
     for start in range(0, n, batch):
-        x = torch.stack([dataset[k] for k in range(start, start + batch)]).to(vae.device)
-        with autocast():
-            zs.append(vae.encode(x).latent_dist.mode().float().cpu())
+        crops = [dataset[k] for k in range(start, start + batch)]
+        # Crops of one batch share a side unless the run mixes sides (--crop-sizes): then one by one.
+        groups = [torch.stack(crops)] if len({c.shape for c in crops}) == 1 else [c[None] for c in crops]
+        for x in groups:
+            with autocast():
+                zs.append(vae.encode(x.to(vae.device)).latent_dist.mode().float().flatten().cpu())
     z = torch.cat(zs)
     return float(1.0 / z.std()), float(z.mean())

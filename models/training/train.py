@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.options import (Parser, fail, float_range, int_range, multiple_of, nonnegative_float, nonnegative_int,
+from models.options import (Parser, fail, float_range, int_range, list_of, multiple_of, nonnegative_float, nonnegative_int,
                             positive_float, positive_int)
 from models.training import data as data_mod
 from models.training.checkpoint import (CHECKPOINT, RESUMABLE, atomic_save, load_checkpoint, recipe_conflicts, restore,
@@ -53,6 +53,11 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="per process, per micro-step")
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--crop", type=multiple_of(8, 8), default=256, help="crop side, a multiple of 8 (default 256)")
+    p.add_argument("--crop-sizes", type=list_of(multiple_of(8, 8)), default=(),
+                   help="comma list of crop sides (e.g. 256,384,512): each step draws one, and trains on "
+                        "batch x (crop / side)^2 crops of it (at least 1), so a step's pixels stay near "
+                        "batch x crop^2. Teaches GroupNorm and attention more than one image size "
+                        "(default: every step --crop)")
     p.add_argument("--max-zoom", type=float_range(1.0), default=2.0, help="short side resized to [crop, crop*max_zoom]")
     p.add_argument("--colour-aug", type=float_range(0.0, 1.0), default=0.0,
                    help="share of crops recoloured: hue turned, saturation scaled (default 0: off)")
@@ -207,8 +212,10 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
 
     val_files, train_files = files[-args.val_images:] if args.val_images else [], files[: len(files) - args.val_images]
+    per_step = args.batch_size * args.grad_accum * accelerator.num_processes
     dataset = data_mod.RandomCrops(train_files, crop=args.crop, max_zoom=args.max_zoom, seed=args.seed,
-                                   colour_aug=args.colour_aug)
+                                   colour_aug=args.colour_aug, sizes=tuple(args.crop_sizes),
+                                   samples_per_step=per_step)
     val_batch = data_mod.center_crops(val_files, min(args.crop, 256)) if val_files else None
     val_batch = val_batch.to(device) if val_batch is not None else None
 
@@ -217,8 +224,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         return fail(PROG, str(exc))
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.crop % factor:
-        return fail(PROG, f"--crop {args.crop} must be a multiple of the model's downsampling factor {factor}")
+    for side in (args.crop, *args.crop_sizes):
+        if side % factor:
+            return fail(PROG, f"crop side {side} must be a multiple of the model's downsampling factor {factor}")
     if args.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -256,7 +264,6 @@ def main(argv=None) -> int:
     raw_vae = accelerator.unwrap_model(vae)
 
     # Data: sample numbers continue from the step, so a resumed run sees the same crops.
-    per_step = args.batch_size * args.grad_accum * accelerator.num_processes
     sampler = data_mod.StreamSampler(step * per_step, args.batch_size, accelerator.process_index,
                                      accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
@@ -276,7 +283,6 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(f, fields)
             writer.writeheader()
             writer.writerows(kept)
-    pixels = 3 * args.crop * args.crop
     t_start, cpu_start = time.time(), time.process_time()
     bar = tqdm(total=args.steps, initial=step, disable=not main_proc, dynamic_ncols=True, unit="step")
 
@@ -314,6 +320,7 @@ def main(argv=None) -> int:
         vae.train()
         for _ in range(args.grad_accum):
             x = next(batches).to(device, non_blocking=True)
+            x = x[: data_mod.batch_for_side(args.batch_size, args.crop, x.shape[-1])]
             with accelerator.accumulate(vae):
                 with accelerator.autocast():
                     posterior = vae.encode(x).latent_dist if not args.decoder_only else raw_vae.encode(x).latent_dist
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
                 rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour, args.ssim)
                 if perceptual is not None:
                     rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
-                kl = losses.kl_loss(posterior.mean, posterior.logvar, pixels)
+                kl = losses.kl_loss(posterior.mean, posterior.logvar, x[0].numel())
                 loss = rec + args.kl_weight * kl
                 if args.latent_colour:
                     loss = loss + args.latent_colour * losses.latent_colour_loss(posterior.mean, x)

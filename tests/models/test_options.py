@@ -19,6 +19,8 @@ from models import options
     (options.nonnegative_float, {"0": 0.0, "3": 3.0}, ["-0.1", "nan"]),
     (options.float_range(0.0, 1.0, high_open=True), {"0": 0.0, "0.999": 0.999}, ["1", "2", "-0.5", "nan"]),
     (options.float_range(1.0), {"1": 1.0, "2.5": 2.5}, ["0", "0.99", "inf"]),
+    (options.list_of(options.multiple_of(8, 8)), {"256": (256,), "256, 384,512": (256, 384, 512)},
+     ["", "256,", ",256", "256,,512", "256,12", "x", "256;384"]),
 ])
 def test_checks_accept_good_values_and_name_bad_ones(check, good, bad):
     for text, value in good.items():

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from support import ROOT, TINY_CONFIG, make_tiny_vae
 from models.training import train
-from models.training.data import RandomCrops, list_images
+from models.training.data import RandomCrops, batch_for_side, list_images
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,22 @@ def test_data_stream_is_deterministic_and_covers_folders(image_folder):
     assert sorted(a.file_index(k) for k in range(6)) == list(range(6))
 
 
+def test_crop_sizes_give_each_step_one_side_drawn_from_the_list(image_folder):
+    files = list_images([image_folder])
+    mixed = RandomCrops(files, crop=32, seed=3, sizes=(32, 48, 64), samples_per_step=4)
+    sides = [mixed.step_crop(step) for step in range(60)]
+    assert set(sides) == {32, 48, 64}  # all drawn, deterministically
+    assert sides == [RandomCrops(files, crop=32, seed=3, sizes=(32, 48, 64), samples_per_step=4).step_crop(s)
+                     for s in range(60)]
+    for step in (0, 1, 7):
+        crops = [mixed[step * 4 + i] for i in range(4)]
+        assert {c.shape for c in crops} == {(3, sides[step], sides[step])}
+    # Without sizes every step is --crop; a step's pixels stay near batch x crop^2.
+    assert {RandomCrops(files, crop=32, seed=3).step_crop(s) for s in range(20)} == {32}
+    assert [batch_for_side(4, 32, side) for side in (32, 48, 64, 128)] == [4, 2, 1, 1]
+    assert [batch_for_side(2, 256, side) for side in (256, 384, 512)] == [2, 1, 1]
+
+
 def test_few_steps_reduce_the_loss(image_folder, tiny_config, tmp_path):
     out = tmp_path / "run"
     assert train.main(_args(image_folder, out, tiny_config, "--steps", "40", "--lr", "2e-3")) == 0
@@ -87,6 +103,28 @@ def test_resume_gives_the_same_next_steps(image_folder, tiny_config, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert all(torch.equal(x, y) for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]))
+
+
+def test_mixed_crop_sizes_train_resume_exactly_and_export(image_folder, tiny_config, tmp_path):
+    """--crop-sizes: steps of different sides train, the latent factors are measured over them, and
+    a resumed run draws the same sides (the side is a function of the step, not of the process)."""
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    mixed = ["--crop-sizes", "32,48", "--steps", "6"]
+    drawn = RandomCrops(["unused"], crop=32, seed=0, sizes=(32, 48), samples_per_step=4)
+    assert {drawn.step_crop(step) for step in range(6)} == {32, 48}  # the run below has both sides
+    assert train.main(_args(image_folder, straight, tiny_config, *mixed)) == 0
+    assert train.main(_args(image_folder, paused, tiny_config, *mixed, "--stop-at", "3")) == 0
+    assert train.main(_args(image_folder, paused, tiny_config, *mixed, "--resume")) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(paused / "checkpoint.pt", weights_only=True)
+    assert a["args"]["crop_sizes"] == (32, 48) and a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    config = json.loads((straight / "model" / "config.json").read_text())
+    assert config["scaling_factor"] != TINY_CONFIG["scaling_factor"]
+    # The sides are part of the recipe: a resume may not change them.
+    assert train.main(_args(image_folder, paused, tiny_config, "--crop-sizes", "32,64", "--steps", "8",
+                            "--resume")) == 2
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(image_folder, tiny_config, tmp_path):

@@ -47,6 +47,10 @@ def build_parser() -> Parser:
     p.add_argument("--norm-groups", type=nonnegative_int, default=0,
                    help="GroupNorm groups of every block (0: the config's). With --init the weights load "
                         "unchanged: GroupNorm's parameters are per channel, whatever the group count")
+    p.add_argument("--layers-per-block", type=nonnegative_int, default=0,
+                   help="ResNet blocks per encoder stage (the decoder has one more; 0: the config's). "
+                        "Growing an --init model: the added blocks start as identities (last convolution "
+                        "zero), so training starts from the init model's exact function")
     p.add_argument("--decoder-only", action="store_true", help="freeze the encoder (as sd-vae-ft-MSE)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
     p.add_argument("--steps", type=positive_int, default=20000, help="optimiser steps in total")
@@ -125,7 +129,29 @@ def build_model(args):
         regrouped = type(vae).from_config({**vae.config, "norm_num_groups": groups})
         regrouped.load_state_dict(vae.state_dict())
         vae = regrouped
+    layers = args.layers_per_block  # 0 (also for checkpoints from before the option): the config's
+    if layers and layers != vae.config.layers_per_block:
+        vae = grow_layers(vae, layers)
     return vae
+
+
+def grow_layers(vae, layers_per_block: int):
+    """The same model with `layers_per_block` ResNet blocks per encoder stage (decoder: one more),
+    computing exactly the same function: each stage keeps its blocks first and the added ones
+    (channels in = out, no shortcut) start with conv2 zero, so they add nothing until trained.
+    Why: a cheap way to give a trained model more capacity (for texture) without starting over."""
+    if layers_per_block < vae.config.layers_per_block:
+        raise ValueError(f"--layers-per-block {layers_per_block} would drop trained blocks "
+                         f"(the model has {vae.config.layers_per_block}); it can only grow")
+    grown = type(vae).from_config({**vae.config, "layers_per_block": layers_per_block})
+    missing, unexpected = grown.load_state_dict(vae.state_dict(), strict=False)
+    assert not unexpected, unexpected  # growing only adds blocks
+    added = {key.rsplit(".", 2)[0] for key in missing}
+    for name, module in grown.named_modules():
+        if name in added:
+            torch.nn.init.zeros_(module.conv2.weight)
+            torch.nn.init.zeros_(module.conv2.bias)
+    return grown.to(next(vae.parameters()).dtype)
 
 
 def _base_model(args):

@@ -322,7 +322,7 @@ def test_norm_groups_regroups_an_init_model_keeping_its_weights(tiny_vae_dir):
 
     from models.training.train import build_model
 
-    args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=2)
+    args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=2, layers_per_block=0)
     vae = build_model(args)
     ref = AutoencoderKL.from_pretrained(tiny_vae_dir)
     assert vae.config.norm_num_groups == 2 and ref.config.norm_num_groups == 4
@@ -333,6 +333,34 @@ def test_norm_groups_regroups_an_init_model_keeping_its_weights(tiny_vae_dir):
         assert not torch.allclose(vae(x).sample, ref(x).sample)
     with pytest.raises(ValueError, match="must divide every block width"):
         build_model(argparse.Namespace(**{**vars(args), "norm_groups": 3}))
+
+
+def test_layers_per_block_grows_an_init_model_keeping_its_function(tiny_vae_dir):
+    """--layers-per-block with --init: more ResNet blocks per stage, the same outputs until trained,
+    and the added blocks do learn (their zero conv2 gets a gradient)."""
+    import argparse
+
+    from diffusers import AutoencoderKL
+
+    from models.training.train import build_model
+
+    args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=0, layers_per_block=2)
+    grown, ref = build_model(args), AutoencoderKL.from_pretrained(tiny_vae_dir)
+    assert ref.config.layers_per_block == 1 and grown.config.layers_per_block == 2
+    assert [len(b.resnets) for b in grown.encoder.down_blocks] == [2] * len(ref.encoder.down_blocks)
+    assert [len(b.resnets) for b in grown.decoder.up_blocks] == [3] * len(ref.decoder.up_blocks)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in ref.parameters())
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        z_ref, z = ref.encode(x).latent_dist.mean, grown.encode(x).latent_dist.mean
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grown.decode(z).sample, ref.decode(z_ref).sample, rtol=0, atol=1e-5)
+    grown.decode(grown.encode(x).latent_dist.mean).sample.square().mean().backward()
+    added = grown.decoder.up_blocks[0].resnets[2].conv2.weight
+    assert added.abs().max() == 0 and added.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="can only grow"):
+        build_model(argparse.Namespace(**{**vars(args), "init": None, "config": None, "preset": "small",
+                                          "layers_per_block": 1}))
 
 
 def test_colour_augmentation_turns_hue_keeps_brightness_and_is_deterministic(image_folder):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from models.options import (Parser, fail, float_range, int_range, list_of, multiple_of, nonnegative_float, nonnegative_int,
-                            positive_float, positive_int)
+from models.options import (Parser, fail, float_range, int_range, list_of, multiple_of, nonnegative_float,
+                            nonnegative_int, positive_float, positive_int)
 from models.training import data as data_mod
 from models.training.checkpoint import (CHECKPOINT, RESUMABLE, atomic_save, load_checkpoint, recipe_conflicts, restore,
                                        rng_state, set_rng_state)

@@ -320,7 +320,7 @@ def test_norm_groups_regroups_an_init_model_keeping_its_weights(tiny_vae_dir):
 
     from diffusers import AutoencoderKL
 
-    from models.training.train import build_model
+    from models.training.model import build_model
 
     args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=2, layers_per_block=0)
     vae = build_model(args)
@@ -342,7 +342,7 @@ def test_layers_per_block_grows_an_init_model_keeping_its_function(tiny_vae_dir)
 
     from diffusers import AutoencoderKL
 
-    from models.training.train import build_model
+    from models.training.model import build_model
 
     args = argparse.Namespace(init=str(tiny_vae_dir), config=None, preset="tiny", norm_groups=0, layers_per_block=2)
     grown, ref = build_model(args), AutoencoderKL.from_pretrained(tiny_vae_dir)

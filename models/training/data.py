@@ -114,6 +114,7 @@ class RandomCrops(Dataset):
             raise ValueError("no training images found")
         self.crop, self.max_zoom, self.seed, self.cache = crop, max_zoom, seed, cache
         self.sizes, self.samples_per_step = tuple(sizes), samples_per_step
+        self._max_short_side = int(max((crop, *self.sizes)) * max_zoom)  # what the largest crop may need
         self.colour_aug = colour_aug
         self._cache: dict[int, Image.Image] = {}  # per worker; decoded once, downsized
         self._bad: dict[int, str] = {}  # per worker: files that failed to decode, and why
@@ -124,8 +125,7 @@ class RandomCrops(Dataset):
     def _image(self, index: int) -> Image.Image:
         im = self._cache.get(index)
         if im is None:
-            largest = max((self.crop, *self.sizes))
-            im = load_rgb(self.files[index], max_short_side=int(largest * self.max_zoom))
+            im = load_rgb(self.files[index], max_short_side=self._max_short_side)
             if self.cache:
                 self._cache[index] = im
         return im

@@ -76,6 +76,8 @@ def build_parser() -> Parser:
     p.add_argument("--mse", type=nonnegative_float, default=1.0, help="MSE reconstruction weight")
     p.add_argument("--colour", type=nonnegative_float, default=0.0,
                    help="weight of the MSE of 8x8-block means: low-frequency colour (default 0: off)")
+    p.add_argument("--image-colour", type=nonnegative_float, default=0.0,
+                   help="weight of the MSE of each crop's mean colour: the image-wide cast (default 0: off)")
     p.add_argument("--ssim", type=nonnegative_float, default=0.0, help="weight of 1 - SSIM (default 0: off)")
     p.add_argument("--latent-colour", type=nonnegative_float, default=0.0,
                    help="weight of how badly each latent's 8x8-block colour is read linearly (default 0: off)")
@@ -292,7 +294,8 @@ def main(argv=None) -> int:
                 with accelerator.autocast():
                     posterior = vae.encode(x).latent_dist if not args.decoder_only else raw_vae.encode(x).latent_dist
                     recon = vae.decode(posterior.sample()).sample
-                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour, args.ssim)
+                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour, args.ssim,
+                                                  image_colour=args.image_colour)
                 if perceptual is not None:
                     rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
                 kl = losses.kl_loss(posterior.mean, posterior.logvar, x[0].numel())

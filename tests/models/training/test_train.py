@@ -420,6 +420,21 @@ def test_colour_loss_weighs_low_frequency_colour_only():
     assert both == pytest.approx(5 * 0.01 / 3, rel=1e-4)  # a tint is as large per block as per pixel
 
 
+def test_image_colour_loss_weighs_the_image_mean_only():
+    """--image-colour: a tint over the whole crop costs its square; a pattern that averages out over
+    the image costs nothing, even where it is a block-level colour error that --colour weighs."""
+    from models.training.losses import reconstruction_loss
+
+    x = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    halves = torch.cat([torch.full((32, 16), 0.1), torch.full((32, 16), -0.1)], dim=1)  # zero image mean
+    tint = torch.tensor([0.0, -0.1, 0.0]).view(1, 3, 1, 1)
+    assert reconstruction_loss(x, x + halves, l1=0, mse=0, image_colour=1) == pytest.approx(0, abs=1e-12)
+    assert reconstruction_loss(x, x + halves, l1=0, mse=0, colour=1) == pytest.approx(0.01, rel=1e-4)
+    assert reconstruction_loss(x, x + tint, l1=0, mse=0, image_colour=1) == pytest.approx(0.01 / 3, rel=1e-4)
+    per_image = torch.tensor([0.1, -0.2]).view(2, 1, 1, 1)  # each image its own grey shift
+    assert reconstruction_loss(x, x + per_image, l1=0, mse=0, image_colour=2) == pytest.approx(2 * 0.05 / 2, rel=1e-4)
+
+
 def test_ssim_loss_is_the_evaluation_ssim_and_differentiable(photos_dir):
     """--ssim: `ssim_index` on [-1, 1] tensors equals models.metrics.ssim on the uint8 images (the
     figure `vae eval` reports), so the loss trains exactly what is measured; 1 for identical images."""

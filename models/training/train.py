@@ -294,8 +294,8 @@ def main(argv=None) -> int:
                 with accelerator.autocast():
                     posterior = vae.encode(x).latent_dist if not args.decoder_only else raw_vae.encode(x).latent_dist
                     recon = vae.decode(posterior.sample()).sample
-                rec = losses.reconstruction_loss(recon, x, args.l1, args.mse, args.colour, args.ssim,
-                                                  image_colour=args.image_colour)
+                rec = losses.reconstruction_loss(recon, x, l1=args.l1, mse=args.mse, colour=args.colour,
+                                                  ssim=args.ssim, image_colour=args.image_colour)
                 if perceptual is not None:
                     rec = rec + args.lpips_weight * perceptual(recon.float(), x).mean()
                 kl = losses.kl_loss(posterior.mean, posterior.logvar, x[0].numel())

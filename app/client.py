@@ -106,14 +106,18 @@ class VAEClient:
         sample: bool = False,
         seed: int | None = None,
         do_scaling: bool = False,
+        colour_lock: int = 0,
     ) -> torch.Tensor:
         """Image(s), image file bytes/path or a float (N, 3, H, W) tensor in [-1, 1] -> latents (N, C, h, w).
-        `do_scaling` (without factors): scaled with the model's own factors (and latents_mean / std)."""
+        `do_scaling` (without factors): scaled with the model's own factors (and latents_mean / std).
+        `colour_lock` N > 0: N closed-loop steps on the server so the latents decode to the image's mean colour."""
         params = _given(sample=str(sample).lower(), do_scaling="true" if do_scaling else None,
-                        scaling_factor=scaling_factor, shift_factor=shift_factor, seed=seed)
+                        scaling_factor=scaling_factor, shift_factor=shift_factor, seed=seed,
+                        colour_lock=colour_lock or None)
         if isinstance(images, list):
             return torch.cat([self.encode(img, scaling_factor=scaling_factor, shift_factor=shift_factor,
-                                          sample=sample, seed=seed, do_scaling=do_scaling) for img in images])
+                                          sample=sample, seed=seed, do_scaling=do_scaling, colour_lock=colour_lock)
+                              for img in images])
         if isinstance(images, torch.Tensor):
             x = images.detach().cpu().float().contiguous()
             params.update(shape=list(x.shape), dtype="float32")
@@ -150,9 +154,12 @@ class VAEClient:
         """Latents (N, C, h, w) -> N PIL images (sent back as uint8 tensors: lossless and compact)."""
         return imaging.to_pil(self.decode_tensor(latents, postprocess=True, **kwargs))
 
-    def roundtrip(self, image: Image.Image | bytes | str | Path, image_format: str = "png") -> RoundtripResult:
-        """Image -> encode -> decode on the server; the image back plus PSNR / SSIM against the input."""
-        response = self._post("/roundtrip", _image_bytes(image), {"image_format": image_format}, {})
+    def roundtrip(self, image: Image.Image | bytes | str | Path, image_format: str = "png",
+                  colour_lock: int = 0) -> RoundtripResult:
+        """Image -> encode -> decode on the server; the image back plus PSNR / SSIM against the input.
+        `colour_lock`: as in `encode`."""
+        params = _given(image_format=image_format, colour_lock=colour_lock or None)
+        response = self._post("/roundtrip", _image_bytes(image), params, {})
         return RoundtripResult(
             image=Image.open(io.BytesIO(response.content)).convert("RGB"),
             psnr=float(response.headers["X-PSNR"]),

@@ -27,6 +27,7 @@ from app.bulk import jobs as core
 from models.options import Parser, fail, int_range, nonnegative_int, positive_int
 from models.vae import imaging
 from models.vae import latent_files as latent_store
+from models.vae.colour_lock import MAX_STEPS as COLOUR_LOCK_MAX
 
 MULTI_COMMAND = True  # app.cli.main passes the command name: this module serves `encode` and `decode`
 LATENT_SUFFIXES = {latent_store.SUFFIX, ".tar"}
@@ -60,6 +61,9 @@ def encode_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", dest="deprecated_dtype", choices=list(latent_store.STORE_DTYPES),
                    help=argparse.SUPPRESS)  # the old spelling of --latent-dtype
     p.add_argument("--quantize", choices=["uint8"], help="store uint8 with per-channel scale/offset (0.5 bit/pixel at f8x4)")
+    p.add_argument("--colour-lock", type=int_range(0, COLOUR_LOCK_MAX), default=0, metavar="N",
+                   help="N closed-loop steps (N + 1 decodes more) so each image's latents decode to its own mean "
+                        "colour (default 0: plain encode; 1 is usually enough)")
     p.add_argument("--scaled", action="store_true", help="store (z - shift) * scaling_factor (diffusion-ready) instead of raw z")
     p.add_argument("--shard-size", type=nonnegative_int, default=0, metavar="N",
                    help="write WebDataset tar shards of N samples")
@@ -144,15 +148,17 @@ def encode_main(argv: list[str]) -> int:
 
     try:
         if args.server:
-            encoder = encoders.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries)
+            encoder = encoders.RemoteEncoder(args.server, concurrency=args.concurrency, retries=args.retries,
+                                             colour_lock=args.colour_lock)
             multiple = int(encoder.info()["downsample_factor"])
         else:
-            encoder = encoders.LocalEncoder(load_model(args))
+            encoder = encoders.LocalEncoder(load_model(args), colour_lock=args.colour_lock)
             multiple = encoder.model.downsample_factor
         facts = encoder.store_facts()
     except (ModelLoadError, OSError, RuntimeError) as exc:  # requests errors are OSErrors
         return fail(PROG_ENCODE, str(exc))
-    options = latent_store.StoreOptions(**facts, dtype=args.latent_dtype, quantize=args.quantize, scaled=args.scaled)
+    options = latent_store.StoreOptions(**facts, dtype=args.latent_dtype, quantize=args.quantize, scaled=args.scaled,
+                                        colour_lock=args.colour_lock)
     sink = core.ShardSink(args.out, args.shard_size) if args.shard_size else core.FileSink(args.out, options)
     todo = [item for item in items if args.overwrite or not sink.is_done(item)]
     summary.skipped = len(items) - len(todo)

@@ -21,8 +21,9 @@ RETRY_STATUS = {429, 502, 503, 504}
 class LocalEncoder:
     """In-process model. `encode(images)` -> raw latents (1, C, h, w) per image, in order."""
 
-    def __init__(self, model):
+    def __init__(self, model, colour_lock: int = 0):
         self.model = model
+        self.colour_lock = colour_lock
 
     def store_facts(self) -> dict:
         m = self.model
@@ -38,7 +39,9 @@ class LocalEncoder:
             groups.setdefault(tuple(t.shape), []).append(i)
         out: list = [None] * len(loaded)
         for idx in groups.values():
-            z = self.model.encode(torch.cat([tensors[i] for i in idx])).cpu()
+            # The colour lock matches the mean colour of the padded image: the pad (under f pixels,
+            # replicated edges) is a sliver of each image.
+            z = self.model.encode(torch.cat([tensors[i] for i in idx]), colour_lock=self.colour_lock).cpu()
             for j, i in enumerate(idx):
                 out[i] = z[j : j + 1]
         return out
@@ -81,8 +84,9 @@ class RemoteEncoder:
     """A `vae serve` instance: `concurrency` requests in flight, retries on overload."""
 
     def __init__(self, url: str, model: str | None = None, concurrency: int = 4, retries: int = 5,
-                 backoff: float = 0.5, timeout: float = 300.0):
+                 backoff: float = 0.5, timeout: float = 300.0, colour_lock: int = 0):
         self.clients = _ThreadClients(url, model, timeout)
+        self.colour_lock = colour_lock
         self.pool = ThreadPoolExecutor(max(1, concurrency))
         self.retries, self.backoff = retries, backoff
 
@@ -102,7 +106,8 @@ class RemoteEncoder:
             return f"server: {exc}"
 
     def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
-        futures = [self.pool.submit(self._call, lambda e=e: self.clients.get().encode(e.data)) for e in loaded]
+        futures = [self.pool.submit(self._call, lambda e=e: self.clients.get().encode(e.data, colour_lock=self.colour_lock))
+                   for e in loaded]
         return [f.result() for f in futures]
 
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor | str]:

@@ -221,7 +221,8 @@ class FileSink:
             return False  # damaged by something else: redo it
         o = self.options
         return o is None or (meta.get("model_sha256") == o.model_sha256 and meta.get("dtype") == o.stored_dtype
-                             and meta.get("scaled") == json.dumps(o.scaled))
+                             and meta.get("scaled") == json.dumps(o.scaled)
+                             and int(meta.get("colour_lock", "0")) == o.colour_lock)
 
     def write(self, item: Item, payload: bytes) -> int:
         """Raises OSError when this one file cannot be written (the job may go on)."""

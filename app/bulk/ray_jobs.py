@@ -30,8 +30,9 @@ class EncodeActor:
         from models.vae.inference import VAEModel
 
         name, _, path = model.partition("=")
-        self.encoder = encoders.LocalEncoder(VAEModel.load(name, path, device=device, dtype=compute_dtype, config=config))
         self.options = latent_store.StoreOptions(**options)
+        model = VAEModel.load(name, path, device=device, dtype=compute_dtype, config=config)
+        self.encoder = encoders.LocalEncoder(model, colour_lock=self.options.colour_lock)
         if self.encoder.model.sha256 != self.options.model_sha256:  # e.g. another file at this path on a node
             raise RuntimeError(f"model weights at {path} differ from the driver's ({self.options.model_sha256})")
         self.max_pixels = max_pixels

@@ -91,6 +91,15 @@ class CostModel:
         flops, how = self._run(self.dec, h, w, use, self.model.tile_size // f, f)
         return n * flops, f"decode of {n} x {h * f}x{w * f}{how}"
 
+    def colour_lock(self, n: int, height: int, width: int, steps: int, tiled: bool | None = None) -> tuple[float, str]:
+        """(FLOPs, description) of `steps` colour-lock steps on n images of height x width: steps + 1
+        decodes (models/vae/colour_lock.py); nothing for 0 steps."""
+        if not steps:
+            return 0.0, "no colour lock"
+        f = self.model.downsample_factor
+        flops, how = self.decode(n, -(-height // f), -(-width // f), tiled)
+        return (steps + 1) * flops, f"colour lock: {steps + 1} x ({how})"
+
 
 @functools.lru_cache(maxsize=64)
 def _cost_model(model: VAEModel) -> CostModel:
@@ -105,7 +114,7 @@ def admit(max_cost: float, *parts: tuple[float, str]) -> float:
     """The GFLOP of `parts` (from CostModel.encode / decode) if within `max_cost`, else 413."""
     gflop = sum(p[0] for p in parts) / 1e9
     if gflop > max_cost:
-        what = "; ".join(p[1] for p in parts)
+        what = "; ".join(p[1] for p in parts if p[0])  # a part that computes nothing is not named
         raise CostTooHigh(f"this request would compute an estimated {gflop:,.0f} GFLOP ({what}), over this "
                           f"server's budget of {max_cost:,.0f} GFLOP per request (max_cost, GET /v1/models)")
     return gflop

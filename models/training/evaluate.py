@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from models.options import Parser, fail, int_range, positive_int
-from models.vae import imaging
+from models.vae import colour_lock as colour_lock_ops, imaging
 from models.vae.imaging import resize_center_crop
 from models.training.data import MAX_TRAIN_PIXELS, list_images, recolour
 from models.metrics import block_colour_gain, block_ycbcr, chroma_fidelity, linear_r2, mean_psnr, psnr, ssim
@@ -33,13 +33,32 @@ class NoImagesError(ValueError):
 
 
 @torch.inference_mode()
-def reconstruct(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: float (N, 3, H, W) in [-1, 1], any H, W -> (uint8 (N, H, W, 3) reconstruction, latents)."""
+def reconstruct(vae, x: torch.Tensor, colour_lock: int = 0, colour_matrix: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: float (N, 3, H, W) in [-1, 1], any H, W -> (uint8 (N, H, W, 3) reconstruction, latents).
+
+    `colour_lock` > 0: latents corrected by that many colour-lock steps (models/vae/colour_lock.py)
+    with `colour_matrix` (from `colour_matrix_of(vae)`)."""
     padded, size = imaging.pad_to_multiple(x)
     param = next(vae.parameters())
     z = vae.encode(padded.to(param.device, param.dtype)).latent_dist.mode()
-    y = vae.decode(z).sample.float()
-    return imaging.to_uint8(imaging.crop_to(y, size)), z.float().cpu()
+
+    def decode(t: torch.Tensor) -> torch.Tensor:
+        return imaging.crop_to(vae.decode(t).sample.float(), size)
+
+    if colour_lock:
+        z = colour_lock_ops.correct(z, colour_lock_ops.mean_colour(x), decode, colour_matrix, colour_lock,
+                                    vae.config.scaling_factor or 1.0)
+    return imaging.to_uint8(decode(z)), z.float().cpu()
+
+
+@torch.inference_mode()
+def colour_matrix_of(vae) -> torch.Tensor:
+    """The colour lock's latent shift matrix of a diffusers AutoencoderKL (models/vae/colour_lock.py)."""
+    param = next(vae.parameters())
+    return colour_lock_ops.shift_matrix(
+        lambda x: vae.encode(x.to(param.device, param.dtype)).latent_dist.mode(),
+        lambda z: vae.decode(z).sample.float(), vae.config.in_channels, vae.config.scaling_factor or 1.0)
 
 
 def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -48,9 +67,11 @@ def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
     return reference.reshape(-1, 3).astype(np.float64).mean(0) - test.reshape(-1, 3).astype(np.float64).mean(0)
 
 
-def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=None, progress: bool = True) -> dict:
+def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=None, progress: bool = True,
+             colour_lock: int = 0) -> dict:
     """Mean PSNR / SSIM (and LPIPS when given) of posterior-mean reconstructions, latent statistics, speed.
 
+    `colour_lock` > 0: the latents get that many colour-lock steps first (as `/encode?colour_lock=N`).
     A file that cannot be decoded is named on stderr, left out and counted in `skipped`."""
     from tqdm.auto import tqdm
 
@@ -59,13 +80,14 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     z_sum = z_sq = z_count = 0.0
     model_seconds = 0.0
     batch: list[Image.Image] = []
+    colour_matrix = colour_matrix_of(vae) if colour_lock else None
     bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
 
     def flush():
         nonlocal z_sum, z_sq, z_count, model_seconds
         x = imaging.to_tensor(batch)
         start = time.perf_counter()
-        recon, z = reconstruct(vae, x)
+        recon, z = reconstruct(vae, x, colour_lock, colour_matrix)
         model_seconds += time.perf_counter() - start
         reference = imaging.to_uint8(x)
         for ref, out, latent in zip(reference.numpy(), recon.numpy(), z.numpy()):
@@ -168,7 +190,7 @@ def flat_colours(vae) -> dict[str, list[float]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "data", "size", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
+    cols = ["model", "data", "size", "colour_lock", "images", "psnr", "ssim", "lpips", "colour_offset_rgb", "colour_offset_max",
             "chroma_kept", "chroma_kept_min", "hue_error_deg", "block_chroma_gain", "latent_colour_r2", "latent_mean", "latent_std", "images_per_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -189,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--lpips-weights", help="local LPIPS-VGG weights file (enables LPIPS)")
     p.add_argument("--flat-colours", action="store_true",
                    help="also reconstruct flat fields at 12 hues and report the chroma each keeps")
+    p.add_argument("--colour-lock", type=int_range(0, colour_lock_ops.MAX_STEPS), default=0, metavar="N",
+                   help="encode with N colour-lock steps, as /encode?colour_lock=N (default 0: plain encode)")
     p.add_argument("--out", help="write JSON here (and a Markdown table beside it, .md)")
     args = p.parse_args(argv)
 
@@ -215,10 +239,12 @@ def main(argv=None) -> int:
         if not files:
             return fail(PROG, f"no images in {folder}")
         try:
-            result = evaluate(vae, files, args.size, args.batch_size, lpips)
+            result = evaluate(vae, files, args.size, args.batch_size, lpips, colour_lock=args.colour_lock)
         except NoImagesError as exc:
             return fail(PROG, f"{folder}: {exc}")
-        rows.append({"model": args.model, "data": folder, "size": args.size or "full", "dtype": args.dtype, **result})
+        lock = {"colour_lock": args.colour_lock} if args.colour_lock else {}
+        rows.append({"model": args.model, "data": folder, "size": args.size or "full", "dtype": args.dtype, **lock,
+                     **result})
     if args.flat_colours:
         flat = flat_colours(vae)
         for row in rows:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from models.vae import threads, tiling
+from models.vae import colour_lock as colour_lock_ops, threads, tiling
 from models.vae.imaging import crop_to, pad_to_multiple
 from models.vae.loading import LoadedWeights, ModelLoadError, load_weights, resolve_dtype
 
@@ -94,6 +94,8 @@ class VAEModel:
         self.nan_retry = nan_retry
         self._fp32_vae = None
         self._fp32_lock = threading.Lock()
+        self._colour_matrix = None  # colour lock's latent shifts per colour error, measured on first use
+        self._colour_matrix_lock = threading.Lock()
         self.tile_threshold_pixels = tile_threshold_pixels or None
         self.tile_size = int(tile_size)
         self.tile_overlap = float(tile_overlap)
@@ -277,16 +279,42 @@ class VAEModel:
     def _needs_retry(self, out: torch.Tensor) -> bool:
         return self.nan_retry and self.dtype != torch.float32 and not bool(torch.isfinite(out).all())
 
+    def colour_matrix(self) -> torch.Tensor:
+        """The colour lock's (C, 3) scaled-latent shift per unit of mean colour error
+        (models/vae/colour_lock.py), measured once, on first use, with this model's own encode and decode."""
+        with self._colour_matrix_lock:
+            if self._colour_matrix is None:
+                scale = self.scaling_factor or 1.0
+                self._colour_matrix = colour_lock_ops.shift_matrix(
+                    lambda x: self.encode(x, tiled=False), lambda z: self.decode(z, tiled=False),
+                    self.in_channels, scale)
+        return self._colour_matrix
+
     def encode(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-        tiled: bool | None = None,
+        tiled: bool | None = None, colour_lock: int = 0,
     ) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] -> raw latents (N, C, ceil(H/f), ceil(W/f)), float32.
 
         Sides that are not multiples of f are replicate-padded at the bottom/right first.
         `sample=False` gives the posterior mode (= mean); `sample=True` draws mean + std * noise
         with `generator` (reproducible with a seeded generator). `tiled`: see `use_tiling`.
+        `colour_lock` > 0: that many closed-loop steps (that many + 1 decodes) that shift each latent channel
+        so the latents decode to the image's own mean colour (models/vae/colour_lock.py).
         """
+        if not 0 <= colour_lock <= colour_lock_ops.MAX_STEPS:
+            raise ValueError(f"colour_lock must be from 0 to {colour_lock_ops.MAX_STEPS}, got {colour_lock}")
+        size = tuple(x.shape[-2:])
+        target = colour_lock_ops.mean_colour(x) if colour_lock else None
+        z = self._encode_padded(x, sample, generator, tiled)
+        if colour_lock:
+            # decode tiles exactly when this encode did: both decide on the padded size
+            z = colour_lock_ops.correct(z, target, lambda t: self.decode(t, size, tiled=tiled),
+                                        self.colour_matrix(), colour_lock, self.scaling_factor or 1.0)
+        return z
+
+    def _encode_padded(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None,
+                       tiled: bool | None) -> torch.Tensor:
         x, _ = pad_to_multiple(x.float(), self.downsample_factor)
         tile = self.use_tiling(x.shape[-2], x.shape[-1], tiled)
         rng_state = generator.get_state() if (sample and generator is not None) else None

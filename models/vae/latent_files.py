@@ -57,6 +57,7 @@ class StoreOptions:
     scaled: bool = False
     latents_mean: tuple[float, ...] | None = None  # per-channel statistics, where the config defines them
     latents_std: tuple[float, ...] | None = None
+    colour_lock: int = 0  # colour-lock steps of the encode (models/vae/colour_lock.py), recorded when > 0
 
     def __post_init__(self):
         if self.dtype not in STORE_DTYPES:
@@ -85,6 +86,8 @@ def encode_record(z: torch.Tensor, options: StoreOptions, source: str, original_
         stored = z.to(STORE_DTYPES[options.dtype])
     meta = {"format": FORMAT, "source": source, "model": options.model, "model_sha256": options.model_sha256,
             "dtype": options.stored_dtype, **{k: json.dumps(v) for k, v in info.to_metadata().items()}}
+    if options.colour_lock:
+        meta["colour_lock"] = str(options.colour_lock)
     return save_safetensors("latents", stored, meta)
 
 

@@ -50,6 +50,11 @@ def test_encode_decode_roundtrip(url, models):
     result = client.roundtrip(img)
     assert result.image.size == (24, 16) and result.latent_shape == [1, 4, 2, 3]
     assert result.psnr == pytest.approx(psnr(np.asarray(img), np.asarray(result.image)), abs=1e-3)
+    locked = client.encode(img, colour_lock=1)
+    assert torch.equal(locked, model.encode(x, colour_lock=1)) and not torch.equal(locked, z)
+    assert torch.equal(client.encode([img, img], colour_lock=1), torch.cat([locked, locked]))
+    want = imaging.to_uint8(model.decode(locked, (16, 24)))[0].numpy()
+    assert np.array_equal(np.asarray(client.roundtrip(img, colour_lock=1).image), want)
 
 
 def test_model_choice_and_errors(url, models):

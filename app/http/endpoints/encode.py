@@ -13,7 +13,7 @@ from pydantic import Field
 from app.http import cost, limits, validation
 from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
-from app.http.endpoints.query import ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
+from app.http.endpoints.query import ColourLockQuery, ModelQuery, RawTensorQuery, ScalingQuery, TilingQuery
 from app.http.openapi_doc import IMAGE_BODY, TENSOR_BODY, TENSORS
 from app.http.request_io import body_limit, json_header, read_body, read_image_bytes, tensor_limits, tensor_response
 from app.protocol import wire
@@ -23,7 +23,7 @@ from models.vae.inference import VAEModel
 from models.vae.latents import LatentInfo
 
 
-class EncodeQuery(ModelQuery, ScalingQuery, RawTensorQuery, TilingQuery):
+class EncodeQuery(ModelQuery, ScalingQuery, RawTensorQuery, TilingQuery, ColourLockQuery):
     do_scaling: bool = Field(False, description="without scaling_factor: apply the model's own factors "
                                                 "(and its latents_mean / latents_std)")
     sample: bool = Field(False, description="false: the posterior mean; true: a sample (reproducible with `seed`)")
@@ -45,6 +45,7 @@ class EncodeRequest:
     tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
     latents_mean: tuple[float, ...] | None = None  # the model's per-channel statistics, with do_scaling
     latents_std: tuple[float, ...] | None = None
+    colour_lock: int = 0  # colour-lock steps (models/vae/colour_lock.py)
 
 
 class Encode(Endpoint):
@@ -52,7 +53,7 @@ class Encode(Endpoint):
     body, answers = {**IMAGE_BODY, **TENSOR_BODY}, TENSORS
     # Seeded sampling is never batched: one generator over a batch draws different noise.
     batching = BatchSpec("x", ("model", "scaling_factor", "shift_factor", "out_dtype", "tiled", "latents_mean",
-                               "latents_std"), lambda r: not r.sample)
+                               "latents_std", "colour_lock"), lambda r: not r.sample)
 
     async def decode_request(self, request: Request, q: EncodeQuery) -> EncodeRequest:
         settings = request.app.state.settings
@@ -67,12 +68,16 @@ class Encode(Endpoint):
             x, _ = await anyio.to_thread.run_sync(wire.read_tensor, body, kind, q.shape, q.dtype, limits_)
             x = validation.image_tensor(x, model, settings.max_pixels)
             limits.check_latent_elements(limits.encode_latent_shape(x.shape, model), settings.max_latent_elements)
-            cost.admit(settings.max_cost, cost.cost_model(model).encode(x.shape[0], *x.shape[-2:], q.tiled))
+            costs = cost.cost_model(model)
+            cost.admit(settings.max_cost, costs.encode(x.shape[0], *x.shape[-2:], q.tiled),
+                       costs.colour_lock(x.shape[0], *x.shape[-2:], q.colour_lock, q.tiled))
         else:
             data = await read_image_bytes(request, settings.max_body_bytes)
 
             def admit(width: int, height: int) -> None:  # from the image header, before decoding it
-                cost.admit(settings.max_cost, cost.cost_model(model).encode(1, height, width, q.tiled))
+                costs = cost.cost_model(model)
+                cost.admit(settings.max_cost, costs.encode(1, height, width, q.tiled),
+                           costs.colour_lock(1, height, width, q.colour_lock, q.tiled))
 
             x = await anyio.to_thread.run_sync(_image_tensor, data, settings.max_pixels, admit)
         out_name = q.output_dtype or (None if is_tensor else q.dtype) or "float32"
@@ -86,11 +91,12 @@ class Encode(Endpoint):
             stats = (model.latents_mean, model.latents_std)
         return EncodeRequest(model, x, tuple(x.shape[-2:]), q.sample, q.seed, scale, shift,
                              out_dtype, request.headers.get("accept"), tiled=q.tiled,
-                             latents_mean=stats[0], latents_std=stats[1])
+                             latents_mean=stats[0], latents_std=stats[1], colour_lock=q.colour_lock)
 
     def predict(self, req: EncodeRequest) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(req.seed) if req.seed is not None else None
-        z = req.model.encode(req.x, sample=req.sample, generator=generator, tiled=req.tiled).cpu()
+        z = req.model.encode(req.x, sample=req.sample, generator=generator, tiled=req.tiled,
+                             colour_lock=req.colour_lock).cpu()
         return latents.scale(z, req.scaling_factor, req.shift_factor, req.latents_mean, req.latents_std).to(req.out_dtype)
 
     def encode_response(self, z: torch.Tensor, req: EncodeRequest) -> Response:
@@ -98,6 +104,8 @@ class Encode(Endpoint):
         info = LatentInfo(req.scaling_factor, req.shift_factor, scaled, req.original_size,
                           latents_mean=req.latents_mean, latents_std=req.latents_std)
         meta = {"model": req.model.name, "sample": req.sample, **info.to_metadata()}
+        if req.colour_lock:
+            meta["colour_lock"] = req.colour_lock
         headers = {"X-Model": req.model.name, "X-Original-Size": json_header(list(req.original_size))}
         return tensor_response(z, req.accept, "latents", meta, headers)
 

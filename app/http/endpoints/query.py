@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
+from models.vae.colour_lock import MAX_STEPS as COLOUR_LOCK_MAX
 from models.vae.latents import check_factor
 
 TILED = "tiled encode/decode; default: only above the server's tile threshold"
@@ -19,6 +20,12 @@ class ModelQuery(BaseModel):
 
 class TilingQuery(BaseModel):
     tiled: bool | None = Field(None, description=TILED)
+
+
+class ColourLockQuery(BaseModel):
+    colour_lock: int = Field(0, ge=0, le=COLOUR_LOCK_MAX, description=(
+        "closed-loop steps (N + 1 decodes more) that shift the latents so they decode to the image's own "
+        "mean colour; 0: plain encode, 1 is usually enough (models/vae/colour_lock.py)"))
 
 
 class ScalingQuery(BaseModel):

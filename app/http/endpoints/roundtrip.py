@@ -14,14 +14,14 @@ from fastapi.responses import Response
 from app.http import cost
 from app.http.batching import BatchSpec
 from app.http.endpoint import Endpoint
-from app.http.endpoints.query import ImageOutQuery, ModelQuery, TilingQuery
+from app.http.endpoints.query import ColourLockQuery, ImageOutQuery, ModelQuery, TilingQuery
 from app.http.openapi_doc import IMAGE_BODY, IMAGES
 from app.http.request_io import image_format_for, image_response, json_header, read_image_bytes
 from models.vae import imaging
 from models.vae.inference import VAEModel
 
 
-class RoundtripQuery(ModelQuery, ImageOutQuery, TilingQuery):
+class RoundtripQuery(ModelQuery, ImageOutQuery, TilingQuery, ColourLockQuery):
     pass
 
 
@@ -33,12 +33,13 @@ class RoundtripRequest:
     fmt: str
     quality: int
     tiled: bool | None = None  # None: tile above settings.tile_threshold_pixels
+    colour_lock: int = 0  # colour-lock steps of the encode (models/vae/colour_lock.py)
 
 
 class Roundtrip(Endpoint):
     path, summary, Query = "/roundtrip", "image -> latents -> image, with PSNR/SSIM", RoundtripQuery
     body, answers = IMAGE_BODY, IMAGES
-    batching = BatchSpec("x", ("model", "tiled"))
+    batching = BatchSpec("x", ("model", "tiled", "colour_lock"))
 
     async def decode_request(self, request: Request, q: RoundtripQuery) -> RoundtripRequest:
         settings = request.app.state.settings
@@ -49,16 +50,17 @@ class Roundtrip(Endpoint):
         def admit(width: int, height: int) -> None:  # from the image header, before decoding it
             f = model.downsample_factor
             cost.admit(settings.max_cost, costs.encode(1, height, width, q.tiled),
+                       costs.colour_lock(1, height, width, q.colour_lock, q.tiled),
                        costs.decode(1, -(-height // f), -(-width // f), q.tiled))
 
         img = await anyio.to_thread.run_sync(functools.partial(imaging.open_image, data, max_pixels=settings.max_pixels,
                                                                check_size=admit))
         fmt = image_format_for(q.image_format, request.headers.get("accept"), default="png")
         return RoundtripRequest(model, img, imaging.to_tensor(img), fmt, q.quality or settings.jpeg_quality,
-                                tiled=q.tiled)
+                                tiled=q.tiled, colour_lock=q.colour_lock)
 
     def predict(self, req: RoundtripRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        z = req.model.encode(req.x, tiled=req.tiled)
+        z = req.model.encode(req.x, tiled=req.tiled, colour_lock=req.colour_lock)
         return z, req.model.decode(z, tuple(req.x.shape[-2:]), tiled=req.tiled).cpu()
 
     def encode_response(self, result, req: RoundtripRequest) -> Response:

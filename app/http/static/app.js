@@ -98,6 +98,9 @@ function drawChannels(values, shape) {
 
 // --- actions ---------------------------------------------------------------------------------
 
+// The reconstruction, its latents and the download all use the same encode (colour lock or not).
+const encodeParams = () => ($("colour-lock").checked ? { colour_lock: "1" } : {});
+
 async function analyse() {
   if (!state.file) return;
   status(`Encoding and decoding ${state.file.name} …`);
@@ -105,8 +108,8 @@ async function analyse() {
   try {
     drawBitmap($("original"), await createImageBitmap(state.file, { imageOrientation: "from-image" }));
     const [rt, enc] = await Promise.all([
-      api("/roundtrip", { body: form({ image: state.file }), accept: "image/png" }),
-      api("/encode", { body: form({ image: state.file }), accept: "tensor/binary" }),
+      api("/roundtrip", { body: form({ image: state.file }), accept: "image/png", params: encodeParams() }),
+      api("/encode", { body: form({ image: state.file }), accept: "tensor/binary", params: encodeParams() }),
     ]);
     drawBitmap($("recon"), await createImageBitmap(await rt.blob()));
     $("psnr").textContent = Number(rt.headers.get("X-PSNR")).toFixed(2);
@@ -130,7 +133,9 @@ async function analyse() {
 
 async function download() {
   try {
-    const response = await api("/encode", { body: form({ image: state.file }), accept: "application/x-safetensors" });
+    const response = await api("/encode", {
+      body: form({ image: state.file }), accept: "application/x-safetensors", params: encodeParams(),
+    });
     const link = document.createElement("a");
     link.href = URL.createObjectURL(await response.blob());
     link.download = `${state.file.name.replace(/\.[^.]*$/, "")}.${$("model").value}.latents.safetensors`;
@@ -246,6 +251,7 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("model").addEventListener("change", () => { describeModel(); analyse(); });
   $("amp").addEventListener("change", drawDiff);
+  $("colour-lock").addEventListener("change", analyse);
   $("download").addEventListener("click", download);
   $("interpolate").addEventListener("click", interpolate);
   $("webp").addEventListener("click", animatedWebp);

@@ -96,6 +96,11 @@ def test_rerun_skips_finished_files_and_redoes_changed_settings(bulk_inputs, tin
     rc, rep = run("encode", *args, "--latent-dtype", "bfloat16", report=tmp_path / "bf16.json")
     assert (rep["done"], rep["skipped"]) == (7, 0)  # other storage settings: not "done"
     assert latent_store.read_metadata(lat / "photo01.png.safetensors")["dtype"] == "bfloat16"
+    rc, rep = run("encode", *args, "--latent-dtype", "bfloat16", "--colour-lock", "1", report=tmp_path / "lock.json")
+    assert (rep["done"], rep["skipped"]) == (7, 0)  # latents of another encode: redone
+    assert latent_store.read_metadata(lat / "photo01.png.safetensors")["colour_lock"] == "1"
+    rc, rep = run("encode", *args, "--latent-dtype", "bfloat16", "--colour-lock", "1", report=tmp_path / "lock2.json")
+    assert (rep["done"], rep["skipped"]) == (0, 7)
 
 
 SLOW_ENCODE = """

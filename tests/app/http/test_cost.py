@@ -113,3 +113,24 @@ def test_over_budget_requests_get_413_before_any_model_work(model):
             assert ok.status_code == 200 and calls == ["encode", "decode"]
         finally:
             del model.encode, model.decode
+
+
+def test_colour_lock_is_charged_its_decodes(model):
+    """?colour_lock=N costs N + 1 decodes more (models/vae/colour_lock.py): a budget that admits a
+    plain 64x64 encode refuses the locked one, naming the lock, before the model runs."""
+    costs = cost.cost_model(model)
+    encode, decode = costs.encode(1, 64, 64)[0], costs.decode(1, 8, 8)[0]
+    assert costs.colour_lock(1, 64, 64, 2)[0] == pytest.approx(3 * decode)
+    assert costs.colour_lock(1, 64, 64, 0)[0] == 0
+    app = create_app(Settings(warmup=False, max_cost=(encode + decode) / 1e9), ModelRegistry([model]))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/encode", content=png(64, 64), params={"colour_lock": 0}).status_code == 200
+        r = c.post("/encode", content=png(64, 64), params={"colour_lock": 1})
+        assert r.status_code == 413 and "colour lock: 2 x (decode of 1 x 64x64)" in r.json()["error"]["message"]
+        x = torch.zeros(1, 3, 64, 64)
+        r = c.post("/encode", content=wire.tensor_to_raw(x), params={"shape": "1,3,64,64", "colour_lock": 1},
+                   headers={"Content-Type": "tensor/binary"})
+        assert r.status_code == 413, r.text
+        assert c.post("/roundtrip", content=png(64, 64)).status_code == 200  # encode + decode: the budget
+        assert c.post("/roundtrip", content=png(64, 64), params={"colour_lock": 1}).status_code == 413
+

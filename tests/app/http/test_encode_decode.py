@@ -236,6 +236,29 @@ def test_roundtrip(client, model):
                        params={"image_format": "webp"}).headers["content-type"] == "image/webp"
 
 
+def test_encode_and_roundtrip_colour_lock(client, model):
+    """?colour_lock=N runs the model's colour lock (models/vae/colour_lock.py): the same latents as
+    in-process, recorded in the file's metadata; the roundtrip decodes them."""
+    img = gradient_image(24, 16)
+    x = imaging.to_tensor(img)
+    expected = model.encode(x, colour_lock=2)
+    assert not torch.equal(expected, model.encode(x))  # the lock moves this image's latents
+    r = client.post("/encode", content=png(img), params={"colour_lock": 2}, headers={"Accept": wire.SAFETENSORS})
+    assert r.status_code == 200, r.text
+    loaded = safetensors.torch.load(r.content)
+    assert torch.equal(next(iter(loaded.values())), expected)
+    header = json.loads(r.content[8 : 8 + int.from_bytes(r.content[:8], "little")])
+    assert header["__metadata__"]["colour_lock"] == "2"
+    rt = client.post("/roundtrip", content=png(img), params={"colour_lock": 1})
+    assert rt.status_code == 200
+    want = imaging.to_uint8(model.decode(model.encode(x, colour_lock=1), (16, 24)))[0].numpy()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(rt.content))), want)
+    for bad in ("4", "-1", "yes"):
+        for path in ("/encode", "/roundtrip"):
+            assert_error(client.post(path, content=png(img), params={"colour_lock": bad}), 400, "bad_request",
+                         "colour_lock")
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def test_error_400_malformed(client, model):

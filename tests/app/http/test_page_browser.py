@@ -153,6 +153,18 @@ def test_explore_page(server, photos_dir, tmp_path):
             page.select_option("#model", "tiny-b")
             page.wait_for_function("document.body.dataset.recon === 'done'", timeout=60_000)
             assert not np.array_equal(_canvas(page, "recon"), recon)
+
+            # The colour-lock box re-runs the reconstruction with ?colour_lock=1 (roundtrip and encode).
+            locked = requests.post(f"{server}/roundtrip", params={"model": "tiny-b", "colour_lock": 1},
+                                   data=image_a.read_bytes(), timeout=60)
+            assert locked.status_code == 200
+            page.evaluate("delete document.body.dataset.recon")
+            with page.expect_request(lambda r: "/roundtrip" in r.url and "colour_lock=1" in r.url):
+                page.check("#colour-lock")
+            page.wait_for_function("document.body.dataset.recon === 'done'", timeout=60_000)
+            _assert_same_up_to_rounding(_canvas(page, "recon")[..., :3],
+                                        np.asarray(Image.open(io.BytesIO(locked.content)).convert("RGB")))
+            assert float(page.inner_text("#psnr")) == pytest.approx(float(locked.headers["X-PSNR"]), abs=0.01)
             assert problems == []
         finally:
             browser.close()

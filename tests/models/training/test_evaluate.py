@@ -153,3 +153,18 @@ def test_vae_eval_flat_colours_option(tiny_vae_dir, photos_dir, tmp_path, capsys
     flat = json.loads(out.read_text())[0]["flat_colours"]
     assert len(flat["chroma_kept"]) == 12 and all(0 <= k < 5 for k in flat["chroma_kept"])
     assert "chroma kept" in capsys.readouterr().out
+
+
+def test_vae_eval_colour_lock_measures_the_locked_encode(photos_dir, tmp_path):
+    """`vae eval --colour-lock 1` scores what `/encode?colour_lock=1` gives: with the shipped model on
+    the vendored photos at 128 x 128 the worst mean colour error falls from 5.7 levels to under 1."""
+    from models.vae.loading import DEFAULT_MODEL_DIR
+
+    plain, locked = tmp_path / "plain.json", tmp_path / "locked.json"
+    args = [str(DEFAULT_MODEL_DIR), "--data", str(photos_dir), "--size", "128"]
+    assert eval_main([*args, "--out", str(plain)]) == 0
+    assert eval_main([*args, "--colour-lock", "1", "--out", str(locked)]) == 0
+    p, q = json.loads(plain.read_text())[0], json.loads(locked.read_text())[0]
+    assert q["colour_lock"] == 1 and "colour_lock" not in p
+    assert p["colour_offset_max"] > 1.5 and q["colour_offset_max"] < 1.0, (p, q)
+    assert q["psnr"] >= p["psnr"]

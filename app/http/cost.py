@@ -21,6 +21,7 @@ import json
 import logging
 
 from app.protocol.errors import CostTooHigh
+from models.vae.colour_lock import probe_size
 from models.vae.inference import VAEModel
 
 log = logging.getLogger("vae.server")
@@ -93,12 +94,16 @@ class CostModel:
 
     def colour_lock(self, n: int, height: int, width: int, steps: int, tiled: bool | None = None) -> tuple[float, str]:
         """(FLOPs, description) of `steps` colour-lock steps on n images of height x width: steps + 1
-        decodes (models/vae/colour_lock.py); nothing for 0 steps."""
+        decodes, plus per image one encode and 2 C decodes of its shrunk probe (models/vae/colour_lock.py);
+        nothing for 0 steps."""
         if not steps:
             return 0.0, "no colour lock"
         f = self.model.downsample_factor
+        ph, pw = probe_size(height, width, f)
         flops, how = self.decode(n, -(-height // f), -(-width // f), tiled)
-        return (steps + 1) * flops, f"colour lock: {steps + 1} x ({how})"
+        probe = (self.encode(n, ph, pw, tiled=False)[0]
+                 + 2 * self.model.latent_channels * self.decode(n, ph // f, pw // f, tiled=False)[0])
+        return (steps + 1) * flops + probe, f"colour lock: {steps + 1} x ({how}) + {n} x {ph}x{pw} probe"
 
 
 @functools.lru_cache(maxsize=64)

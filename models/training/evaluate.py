@@ -33,32 +33,28 @@ class NoImagesError(ValueError):
 
 
 @torch.inference_mode()
-def reconstruct(vae, x: torch.Tensor, colour_lock: int = 0, colour_matrix: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(vae, x: torch.Tensor, colour_lock: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x: float (N, 3, H, W) in [-1, 1], any H, W -> (uint8 (N, H, W, 3) reconstruction, latents).
 
-    `colour_lock` > 0: latents corrected by that many colour-lock steps (models/vae/colour_lock.py)
-    with `colour_matrix` (from `colour_matrix_of(vae)`)."""
+    `colour_lock` > 0: latents corrected by that many colour-lock steps (models/vae/colour_lock.py),
+    as `VAEModel.encode(x, colour_lock=N)` does."""
     padded, size = imaging.pad_to_multiple(x)
     param = next(vae.parameters())
-    z = vae.encode(padded.to(param.device, param.dtype)).latent_dist.mode()
+
+    def encode(t: torch.Tensor) -> torch.Tensor:
+        return vae.encode(t.to(param.device, param.dtype)).latent_dist.mode()
 
     def decode(t: torch.Tensor) -> torch.Tensor:
-        return imaging.crop_to(vae.decode(t).sample.float(), size)
+        return vae.decode(t).sample.float()
 
+    z, y = encode(padded), None
     if colour_lock:
-        z = colour_lock_ops.correct(z, colour_lock_ops.mean_colour(x), decode, colour_matrix, colour_lock,
-                                    vae.config.scaling_factor or 1.0)
-    return imaging.to_uint8(decode(z)), z.float().cpu()
-
-
-@torch.inference_mode()
-def colour_matrix_of(vae) -> torch.Tensor:
-    """The colour lock's latent shift matrix of a diffusers AutoencoderKL (models/vae/colour_lock.py)."""
-    param = next(vae.parameters())
-    return colour_lock_ops.shift_matrix(
-        lambda x: vae.encode(x.to(param.device, param.dtype)).latent_dist.mode(),
-        lambda z: vae.decode(z).sample.float(), vae.config.in_channels, vae.config.scaling_factor or 1.0)
+        target, scale = colour_lock_ops.mean_colour(x), vae.config.scaling_factor or 1.0
+        jacobian = colour_lock_ops.jacobians(encode, decode, x, 8, scale)
+        z, y = colour_lock_ops.correct(z, target, lambda t: imaging.crop_to(decode(t), size), jacobian,
+                                       colour_lock, scale)
+    y = imaging.crop_to(decode(z), size) if y is None else y
+    return imaging.to_uint8(y), z.float().cpu()
 
 
 def colour_offset(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -80,14 +76,13 @@ def evaluate(vae, files, size: int | None = None, batch_size: int = 8, lpips=Non
     z_sum = z_sq = z_count = 0.0
     model_seconds = 0.0
     batch: list[Image.Image] = []
-    colour_matrix = colour_matrix_of(vae) if colour_lock else None
     bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
 
     def flush():
         nonlocal z_sum, z_sq, z_count, model_seconds
         x = imaging.to_tensor(batch)
         start = time.perf_counter()
-        recon, z = reconstruct(vae, x, colour_lock, colour_matrix)
+        recon, z = reconstruct(vae, x, colour_lock)
         model_seconds += time.perf_counter() - start
         reference = imaging.to_uint8(x)
         for ref, out, latent in zip(reference.numpy(), recon.numpy(), z.numpy()):

@@ -94,8 +94,6 @@ class VAEModel:
         self.nan_retry = nan_retry
         self._fp32_vae = None
         self._fp32_lock = threading.Lock()
-        self._colour_matrix = None  # colour lock's latent shifts per colour error, measured on first use
-        self._colour_matrix_lock = threading.Lock()
         self.tile_threshold_pixels = tile_threshold_pixels or None
         self.tile_size = int(tile_size)
         self.tile_overlap = float(tile_overlap)
@@ -279,17 +277,6 @@ class VAEModel:
     def _needs_retry(self, out: torch.Tensor) -> bool:
         return self.nan_retry and self.dtype != torch.float32 and not bool(torch.isfinite(out).all())
 
-    def colour_matrix(self) -> torch.Tensor:
-        """The colour lock's (C, 3) scaled-latent shift per unit of mean colour error
-        (models/vae/colour_lock.py), measured once, on first use, with this model's own encode and decode."""
-        with self._colour_matrix_lock:
-            if self._colour_matrix is None:
-                scale = self.scaling_factor or 1.0
-                self._colour_matrix = colour_lock_ops.shift_matrix(
-                    lambda x: self.encode(x, tiled=False), lambda z: self.decode(z, tiled=False),
-                    self.in_channels, scale)
-        return self._colour_matrix
-
     def encode(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
         tiled: bool | None = None, colour_lock: int = 0,
@@ -302,16 +289,29 @@ class VAEModel:
         `colour_lock` > 0: that many closed-loop steps (that many + 1 decodes) that shift each latent channel
         so the latents decode to the image's own mean colour (models/vae/colour_lock.py).
         """
+        return self._encode_locked(x, sample, generator, tiled, colour_lock)[0]
+
+    def roundtrip(self, x: torch.Tensor, tiled: bool | None = None, colour_lock: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode` (posterior mean) then `decode` at the input's size: (raw latents, images in about
+        [-1, 1]). With a colour lock the last checked decode is the answer, not decoded again."""
+        z, image = self._encode_locked(x, False, None, tiled, colour_lock)
+        return z, image if image is not None else self.decode(z, tuple(x.shape[-2:]), tiled=tiled)
+
+    def _encode_locked(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None,
+                       tiled: bool | None, colour_lock: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents, and with a colour lock their decode at the input's size (None without)."""
         if not 0 <= colour_lock <= colour_lock_ops.MAX_STEPS:
             raise ValueError(f"colour_lock must be from 0 to {colour_lock_ops.MAX_STEPS}, got {colour_lock}")
-        size = tuple(x.shape[-2:])
-        target = colour_lock_ops.mean_colour(x) if colour_lock else None
         z = self._encode_padded(x, sample, generator, tiled)
-        if colour_lock:
-            # decode tiles exactly when this encode did: both decide on the padded size
-            z = colour_lock_ops.correct(z, target, lambda t: self.decode(t, size, tiled=tiled),
-                                        self.colour_matrix(), colour_lock, self.scaling_factor or 1.0)
-        return z
+        if not colour_lock:
+            return z, None
+        size, target, scale = tuple(x.shape[-2:]), colour_lock_ops.mean_colour(x), self.scaling_factor or 1.0
+        jacobian = colour_lock_ops.jacobians(lambda p: self.encode(p, tiled=False),
+                                             lambda t: self.decode(t, tiled=False), x, self.downsample_factor, scale)
+        # decode tiles exactly when this encode did: both decide on the padded size
+        return colour_lock_ops.correct(z, target, lambda t: self.decode(t, size, tiled=tiled), jacobian,
+                                       colour_lock, scale)
 
     def _encode_padded(self, x: torch.Tensor, sample: bool, generator: torch.Generator | None,
                        tiled: bool | None) -> torch.Tensor:

@@ -49,9 +49,10 @@ class Roundtrip(Endpoint):
 
         def admit(width: int, height: int) -> None:  # from the image header, before decoding it
             f = model.downsample_factor
+            # with a colour lock, its last checked decode is the answer (VAEModel.roundtrip)
             cost.admit(settings.max_cost, costs.encode(1, height, width, q.tiled),
-                       costs.colour_lock(1, height, width, q.colour_lock, q.tiled),
-                       costs.decode(1, -(-height // f), -(-width // f), q.tiled))
+                       costs.colour_lock(1, height, width, q.colour_lock, q.tiled) if q.colour_lock
+                       else costs.decode(1, -(-height // f), -(-width // f), q.tiled))
 
         img = await anyio.to_thread.run_sync(functools.partial(imaging.open_image, data, max_pixels=settings.max_pixels,
                                                                check_size=admit))
@@ -60,8 +61,8 @@ class Roundtrip(Endpoint):
                                 tiled=q.tiled, colour_lock=q.colour_lock)
 
     def predict(self, req: RoundtripRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        z = req.model.encode(req.x, tiled=req.tiled, colour_lock=req.colour_lock)
-        return z, req.model.decode(z, tuple(req.x.shape[-2:]), tiled=req.tiled).cpu()
+        z, image = req.model.roundtrip(req.x, tiled=req.tiled, colour_lock=req.colour_lock)
+        return z, image.cpu()
 
     def encode_response(self, result, req: RoundtripRequest) -> Response:
         from models.metrics import psnr, ssim

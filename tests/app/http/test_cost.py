@@ -86,7 +86,7 @@ def test_over_budget_requests_get_413_before_any_model_work(model):
     costs = cost.cost_model(model)
     budget = sum(p[0] for p in (costs.encode(1, 256, 256), costs.decode(1, 32, 32))) / 1e9  # a 256x256 roundtrip
     calls = []
-    model_encode, model_decode = model.encode, model.decode
+    model_encode, model_decode, model_roundtrip = model.encode, model.decode, model.roundtrip
     app = create_app(Settings(warmup=False, max_cost=budget * 1.01), ModelRegistry([model]))
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.get("/v1/models").json()["limits"]["max_cost_gflop"] == pytest.approx(budget * 1.01)
@@ -94,6 +94,7 @@ def test_over_budget_requests_get_413_before_any_model_work(model):
         try:
             model.encode = lambda *a, **k: calls.append("encode") or model_encode(*a, **k)
             model.decode = lambda *a, **k: calls.append("decode") or model_decode(*a, **k)
+            model.roundtrip = lambda *a, **k: calls.append("roundtrip") or model_roundtrip(*a, **k)
             over = [
                 c.post("/encode", content=png(65536, 1), headers={"Content-Type": "image/png"}),  # 8x65536 padded
                 c.post("/roundtrip", content=png(300, 256), headers={"Content-Type": "image/png"}),
@@ -110,27 +111,33 @@ def test_over_budget_requests_get_413_before_any_model_work(model):
             assert "8x65536 after padding" in over[0].json()["error"]["message"]
             assert calls == []  # refused before the model ran
             ok = c.post("/roundtrip", content=png(256, 256), headers={"Content-Type": "image/png"})
-            assert ok.status_code == 200 and calls == ["encode", "decode"]
+            assert ok.status_code == 200 and calls == ["roundtrip", "decode"]  # VAEModel.roundtrip decodes
         finally:
-            del model.encode, model.decode
+            del model.encode, model.decode, model.roundtrip
 
 
 def test_colour_lock_is_charged_its_decodes(model):
-    """?colour_lock=N costs N + 1 decodes more (models/vae/colour_lock.py): a budget that admits a
-    plain 64x64 encode refuses the locked one, naming the lock, before the model runs."""
+    """?colour_lock=N costs N + 1 decodes more and a probe per image (models/vae/colour_lock.py): a
+    budget that admits a plain 64x64 encode refuses the locked one, naming the lock, before the model runs."""
     costs = cost.cost_model(model)
     encode, decode = costs.encode(1, 64, 64)[0], costs.decode(1, 8, 8)[0]
-    assert costs.colour_lock(1, 64, 64, 2)[0] == pytest.approx(3 * decode)
+    probe = encode + 2 * 4 * decode  # a 64x64 image is its own probe: one encode, 2 C decodes
+    assert costs.colour_lock(1, 64, 64, 2)[0] == pytest.approx(3 * decode + probe)
+    probe = costs.encode(1, 96, 64)[0] + 2 * 4 * costs.decode(1, 12, 8)[0]  # 200x64 shrinks to 96x64
+    assert costs.colour_lock(2, 200, 64, 1)[0] == pytest.approx(2 * 2 * costs.decode(1, 25, 8)[0] + 2 * probe)
     assert costs.colour_lock(1, 64, 64, 0)[0] == 0
     app = create_app(Settings(warmup=False, max_cost=(encode + decode) / 1e9), ModelRegistry([model]))
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.post("/encode", content=png(64, 64), params={"colour_lock": 0}).status_code == 200
         r = c.post("/encode", content=png(64, 64), params={"colour_lock": 1})
-        assert r.status_code == 413 and "colour lock: 2 x (decode of 1 x 64x64)" in r.json()["error"]["message"]
+        assert r.status_code == 413
+        assert "colour lock: 2 x (decode of 1 x 64x64) + 1 x 64x64 probe" in r.json()["error"]["message"]
         x = torch.zeros(1, 3, 64, 64)
         r = c.post("/encode", content=wire.tensor_to_raw(x), params={"shape": "1,3,64,64", "colour_lock": 1},
                    headers={"Content-Type": "tensor/binary"})
         assert r.status_code == 413, r.text
         assert c.post("/roundtrip", content=png(64, 64)).status_code == 200  # encode + decode: the budget
-        assert c.post("/roundtrip", content=png(64, 64), params={"colour_lock": 1}).status_code == 413
+        r = c.post("/roundtrip", content=png(64, 64), params={"colour_lock": 1})
+        assert r.status_code == 413  # encode + the lock's 2 decodes and probe (its last decode is the answer)
+        assert "64x64 probe), over" in r.json()["error"]["message"]  # no decode after the lock
 

@@ -34,18 +34,36 @@ class LinearVAE:
 @pytest.mark.parametrize("channels", [4, 16])
 def test_one_step_is_exact_for_a_linear_decoder(channels):
     vae = LinearVAE(channels)
-    matrix = colour_lock.shift_matrix(vae.encode, vae.decode, 3, scaling_factor=0.5)
-    assert matrix.shape == (channels, 3)
-    # P is a right inverse of J, the colour per unit of scaled latent (raw = scaled / 0.5)
-    torch.testing.assert_close((vae.a / 0.5) @ matrix, torch.eye(3), atol=1e-4, rtol=0)
     x = torch.rand(2, 3, 32, 24, generator=torch.Generator().manual_seed(1)) * 0.5 - 0.25
+    jacobian = colour_lock.jacobians(vae.encode, vae.decode, x, 8, scaling_factor=0.5)
+    assert jacobian.shape == (2, 3, channels)
+    # the colour per unit of scaled latent (raw = scaled / 0.5), for each image
+    torch.testing.assert_close(jacobian.float(), (vae.a / 0.5).expand(2, 3, channels), atol=1e-4, rtol=0)
     z = vae.encode(x)
     plain = colour_lock.mean_colour(vae.decode(z)) - colour_lock.mean_colour(x)
     assert plain.abs().max() > 0.05  # the bias and the lossy map leave a visible colour error
-    locked = colour_lock.correct(z, colour_lock.mean_colour(x), vae.decode, matrix, steps=1, scaling_factor=0.5)
+    locked, image = colour_lock.correct(z, colour_lock.mean_colour(x), vae.decode, jacobian, steps=1,
+                                        scaling_factor=0.5)
     torch.testing.assert_close(colour_lock.mean_colour(vae.decode(locked)), colour_lock.mean_colour(x),
                                atol=1e-5, rtol=0)
+    assert torch.equal(image, vae.decode(locked))  # the checked decode comes back with the latents
     assert not torch.equal(locked, z)  # a new tensor; the input latents are unchanged
+
+
+def test_second_step_learns_the_response_the_first_step_saw():
+    """With a Jacobian that is wrong by a factor of 2 (the decoder moves colour twice as much as
+    assumed), one step overshoots to the opposite error; the second step, through Broyden's update
+    of the Jacobian along the first step, lands on the target of a linear decoder."""
+    vae = LinearVAE(3)
+    vae.a = 0.5 * torch.eye(3) + 0.1 * vae.a  # well conditioned: no direction dropped, no shift clamped
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.4 - 0.2
+    z, target = vae.encode(x), colour_lock.mean_colour(x)
+    half = colour_lock.jacobians(vae.encode, vae.decode, x, 8, scaling_factor=1.0) / 2
+    error = lambda t: float((colour_lock.mean_colour(vae.decode(t)) - target).abs().max())  # noqa: E731
+    one, _ = colour_lock.correct(z, target, vae.decode, half, steps=1, scaling_factor=1.0)
+    two, _ = colour_lock.correct(z, target, vae.decode, half, steps=2, scaling_factor=1.0)
+    assert error(one) > 0.5 * error(z)  # overshot to about the opposite error
+    assert error(two) < 1e-4 < error(z)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +133,16 @@ def test_shipped_model_lock_applies_to_samples_and_tiles(shipped, photos):
     plain_tiled = colour_error(small_tiles, x, tiled=True)
     locked_tiled = colour_error(small_tiles, x, tiled=True, colour_lock=1)
     assert locked_tiled < 0.3 * plain_tiled, (plain_tiled, locked_tiled)
+
+
+def test_roundtrip_reuses_the_checked_decode(shipped, photos):
+    """`VAEModel.roundtrip` with a colour lock returns the decode the lock checked: equal to decoding
+    the locked latents again, one decode fewer; without a lock it is encode then decode."""
+    x = photos[1:3, :, :120, :100]  # sides not multiples of 8: padded, then cropped back
+    z, image = shipped.roundtrip(x, colour_lock=1)
+    torch.testing.assert_close(z, shipped.encode(x, colour_lock=1), atol=0, rtol=0)
+    torch.testing.assert_close(image, shipped.decode(z, (120, 100)), atol=0, rtol=0)
+    z0, image0 = shipped.roundtrip(x)
+    torch.testing.assert_close(image0, shipped.decode(shipped.encode(x), (120, 100)), atol=0, rtol=0)
+    assert image.shape == image0.shape == (2, 3, 120, 100)
+

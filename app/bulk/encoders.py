@@ -32,15 +32,17 @@ class LocalEncoder:
 
     def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
         f = self.model.downsample_factor
-        # Pad each image to its bucket first so images of one bucket (not only of one size) batch together.
-        tensors = [imaging.pad_to_multiple(imaging.to_tensor(entry.image), f)[0] for entry in loaded]
+        tensors = [imaging.to_tensor(entry.image) for entry in loaded]
+        if not self.colour_lock:
+            # Pad each image to its bucket first so images of one bucket (not only of one size) batch
+            # together. Not with a colour lock: there each image's own pixels are its target colour
+            # (as on the server), so only images of one size batch together.
+            tensors = [imaging.pad_to_multiple(t, f)[0] for t in tensors]
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(tensors):
             groups.setdefault(tuple(t.shape), []).append(i)
         out: list = [None] * len(loaded)
         for idx in groups.values():
-            # The colour lock matches the mean colour of the padded image: the pad (under f pixels,
-            # replicated edges) is a sliver of each image.
             z = self.model.encode(torch.cat([tensors[i] for i in idx]), colour_lock=self.colour_lock).cpu()
             for j, i in enumerate(idx):
                 out[i] = z[j : j + 1]

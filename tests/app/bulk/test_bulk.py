@@ -223,6 +223,27 @@ def test_server_mode_retries_and_matches_in_process(bulk_inputs, model, tiny_vae
     assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (37, 29)
 
 
+def test_colour_lock_local_equals_server(bulk_inputs, model, tiny_vae_dir, tmp_path):
+    """`vae encode --colour-lock 1` in-process and against a server give the same latents (each image's
+    own pixels are its target, also where its sides are not multiples of 8), recorded as locked."""
+    from app.http.app import create_app
+    from app.http.settings import Settings
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    args = ["--colour-lock", "1", "--latent-dtype", "float32"]
+    run("encode", bulk_inputs, "--out", local, "--model", f"tiny={tiny_vae_dir}", "--batch-size", "1", *args)
+    with live_server(create_app(Settings(models=[f"tiny={tiny_vae_dir}"]))) as url:
+        rc, rep = run("encode", bulk_inputs, "--out", remote, "--server", url, *args, report=tmp_path / "r.json")
+    assert (rc, rep["done"]) == (1, 7)  # the broken input fails both ways
+    for name in GOOD:
+        a = latent_store.decode_record((local / f"{name}.safetensors").read_bytes())
+        b = latent_store.decode_record((remote / f"{name}.safetensors").read_bytes())
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+        assert a[1]["colour_lock"] == b[1]["colour_lock"] == "1"
+    gradient = imaging.to_tensor(imaging.open_image(bulk_inputs / "odd" / "gradient.png"))  # 37 x 29
+    assert not torch.equal(model.encode(gradient, colour_lock=1), model.encode(gradient))
+
+
 def test_decode_reports_bad_latent_files(bulk_inputs, tiny_vae_dir, tmp_path):
     lat, out = tmp_path / "lat", tmp_path / "out"
     run("encode", bulk_inputs / "photo01.png", "--out", lat, "--model", tiny_vae_dir)

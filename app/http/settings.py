@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     max_latent_elements: int = Field(4 * 4 * 256 * 256, ge=1, description="N*C*h*w limit of latents in or out")
     max_cost: float = Field(11_000.0, gt=0, description=(
         "estimated compute per request in GFLOP, counted from what it will run (padded size, tiles and "
-        "tiling passes, frames, samples; GET /v1/models); above it 413. The default admits a 2048x2048 "
-        "/roundtrip of the shipped model (10,189 GFLOP)"))
+        "tiling passes, frames, samples, colour-lock decodes; GET /v1/models); above it 413. The default "
+        "admits a 2048x2048 /roundtrip of the shipped model (10,189 GFLOP)"))
     max_json_bytes: int = Field(8 * 1024 * 1024, ge=1024,
                                 description="JSON tensor bodies, which cost ~15 bytes of memory per byte once parsed")
     image_formats: CommaList = Field(["png", "jpeg", "webp"], description="accepted upload formats (allow-list)")

@@ -43,3 +43,16 @@ def test_bench_quick_writes_json_markdown_and_plot(tiny_vae_dir, tmp_path, capsy
     assert md in capsys.readouterr().out
     with Image.open(out / "results.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_colour_lock_cost_script_prints_one_row_per_setting(tiny_vae_dir, capsys):
+    """`python -m benchmarks.colour_lock_cost` on a tiny model: the table has every dtype, size and op,
+    with positive seconds. Timings are never asserted."""
+    from benchmarks import colour_lock_cost
+
+    assert colour_lock_cost.main(["--model", f"tiny={tiny_vae_dir}", "--sizes", "32", "64", "--runs", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| float", "| bfloat"))]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        (d, s, op) for d in ("float32", "bfloat16") for s in ("32", "64") for op in ("encode", "roundtrip")]
+    assert all(float(v) > 0 for r in rows for v in r[3:6])

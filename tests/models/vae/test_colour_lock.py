@@ -146,3 +146,16 @@ def test_roundtrip_reuses_the_checked_decode(shipped, photos):
     torch.testing.assert_close(image0, shipped.decode(shipped.encode(x), (120, 100)), atol=0, rtol=0)
     assert image.shape == image0.shape == (2, 3, 120, 100)
 
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "taesd"])
+def test_every_family_takes_the_lock(family, family_dirs):
+    """4- and 16-channel AutoencoderKLs (with their shift factors and latents_mean / latents_std) and
+    AutoencoderTiny: the locked latents have the plain ones' shape and never decode further from the
+    image's mean colour (random weights: whether they get closer is the weights' business)."""
+    model = VAEModel.load(family, family_dirs[family])
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(4)) * 0.8 - 0.4
+    plain = model.encode(x)
+    locked = model.encode(x, colour_lock=2)
+    assert locked.shape == plain.shape and torch.isfinite(locked).all()
+    assert (colour_error(model, x, colour_lock=2) <= colour_error(model, x)).all()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-MAX_STEPS = 3  # beyond 2 the error no longer shrinks measurably (Kodak, shipped model); each step is a decode
+MAX_STEPS = 3  # a bound on one request's work: 2 steps already bring every Kodak and COCO image within 0.25 levels
 PROBE_SIDE = 96  # side of the shrunk copy of the image the Jacobian is measured on (see the docstring)
 PROBE_STEP = 0.1  # finite-difference step, in units of the model's scaled (roughly unit-variance) latents
 # A latent direction that moves the mean colour by less than this ([-1, 1] units, 6 levels of 255) per
@@ -104,10 +104,11 @@ def correct(z: torch.Tensor, target: torch.Tensor, decode: Callable, jacobian: t
             best = torch.where(better.to(z.device)[:, None, None, None], z, best)
             best_image = torch.where(better.to(image.device)[:, None, None, None], image, best_image)
             best_error = torch.minimum(worst, best_error)
-            # Broyden: J + (observed - predicted) s^T / |s|^2, per image
+            # Broyden: J + (observed - predicted) s^T / |s|^2, per image (no update where nothing moved)
             moved = (shift ** 2).sum(dim=1, keepdim=True)
             miss = (new_colour - colour) - torch.einsum("nkc,nc->nk", jacobian, shift)
-            jacobian = jacobian + torch.where(moved > 0, miss / moved.clamp_min(1e-12), 0.0)[:, :, None] * shift[:, None, :]
+            gain = torch.where(moved > 0, miss / moved.clamp_min(1e-12), 0.0)
+            jacobian = jacobian + gain[:, :, None] * shift[:, None, :]
         if step < steps:
             shift, colour = _shifts(jacobian, error), new_colour
             z = z + (shift / scaling_factor).to(z.device, z.dtype)[:, :, None, None]

@@ -294,7 +294,7 @@ class VAEModel:
     def roundtrip(self, x: torch.Tensor, tiled: bool | None = None, colour_lock: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode` (posterior mean) then `decode` at the input's size: (raw latents, images in about
-        [-1, 1]). With a colour lock the last checked decode is the answer, not decoded again."""
+        [-1, 1]). With a colour lock the decode the lock checked and kept is the answer, not decoded again."""
         z, image = self._encode_locked(x, False, None, tiled, colour_lock)
         return z, image if image is not None else self.decode(z, tuple(x.shape[-2:]), tiled=tiled)
 

@@ -49,7 +49,7 @@ class Roundtrip(Endpoint):
 
         def admit(width: int, height: int) -> None:  # from the image header, before decoding it
             f = model.downsample_factor
-            # with a colour lock, its last checked decode is the answer (VAEModel.roundtrip)
+            # with a colour lock, the decode it checked and kept is the answer (VAEModel.roundtrip)
             cost.admit(settings.max_cost, costs.encode(1, height, width, q.tiled),
                        costs.colour_lock(1, height, width, q.colour_lock, q.tiled) if q.colour_lock
                        else costs.decode(1, -(-height // f), -(-width // f), q.tiled))

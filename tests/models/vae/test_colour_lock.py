@@ -40,6 +40,7 @@ def test_one_step_is_exact_for_a_linear_decoder(channels):
     # the colour per unit of scaled latent (raw = scaled / 0.5), for each image
     torch.testing.assert_close(jacobian.float(), (vae.a / 0.5).expand(2, 3, channels), atol=1e-4, rtol=0)
     z = vae.encode(x)
+    z_before = z.clone()
     plain = colour_lock.mean_colour(vae.decode(z)) - colour_lock.mean_colour(x)
     assert plain.abs().max() > 0.05  # the bias and the lossy map leave a visible colour error
     locked, image = colour_lock.correct(z, colour_lock.mean_colour(x), vae.decode, jacobian, steps=1,
@@ -47,7 +48,7 @@ def test_one_step_is_exact_for_a_linear_decoder(channels):
     torch.testing.assert_close(colour_lock.mean_colour(vae.decode(locked)), colour_lock.mean_colour(x),
                                atol=1e-5, rtol=0)
     assert torch.equal(image, vae.decode(locked))  # the checked decode comes back with the latents
-    assert not torch.equal(locked, z)  # a new tensor; the input latents are unchanged
+    assert torch.equal(z, z_before) and not torch.equal(locked, z)  # new latents; the input is left alone
 
 
 def test_second_step_learns_the_response_the_first_step_saw():

@@ -1,10 +1,10 @@
 """Colour lock: encode so that the latents decode to the image's own mean colour.
 
 Why: a small VAE's encoder gets an image's overall colour slightly wrong, most of all on images
-unlike its training set (the shipped model's roundtrip of Kodak, scanned film, came back with
-green +1.6 levels on average and 5.3 on one image; models/default/README.md). The decoder is not
+unlike its training set (the roundtrip of Kodak, scanned film, by the shipped model's v6 came back
+with green +1.6 levels on average and 5.3 on one image; models/default/README.md). The decoder is not
 the limit: adding one constant per latent channel moves the decoded mean colour almost linearly,
-and the right constants bring every Kodak image within 1.5 levels. So the correction is a closed
+and the right constants bring every Kodak image within 1.5 levels (v6). So the correction is a closed
 loop at encode time: decode, measure the mean colour error `e` (3 numbers per image), shift each
 latent channel by the least-norm solution of `J s = e`, repeat `steps` times, and keep the latents
 that decoded closest (`steps` costs `steps + 1` decodes). The latents keep the model's format, so
@@ -34,7 +34,7 @@ MAX_STEPS = 3  # a bound on one request's work: 2 steps already bring every Koda
 PROBE_SIDE = 96  # side of the shrunk copy of the image the Jacobian is measured on (see the docstring)
 PROBE_STEP = 0.1  # finite-difference step, in units of the model's scaled (roughly unit-variance) latents
 # A latent direction that moves the mean colour by less than this ([-1, 1] units, 6 levels of 255) per
-# unit of scaled latent is not used: the shipped model's weakest moves 0.32, while a random-weight
+# unit of scaled latent is not used: the shipped v6's weakest moved 0.32, while a random-weight
 # model's near-flat directions would ask for shifts of hundreds.
 MIN_GAIN = 0.05
 MAX_SHIFT = 0.5  # largest shift of one channel in one step, in scaled latent units (5 levels ask ~0.12)

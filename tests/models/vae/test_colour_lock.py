@@ -106,7 +106,7 @@ def shipped():
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
     """The four vendored photographs, centre crops of 128 x 128 (the shipped model's colour is off by
-    1.7-5.7 levels on them)."""
+    up to 5 levels on three of them)."""
     names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
     return imaging.to_tensor([imaging.resize_center_crop(imaging.open_image(PHOTOS / n), 128) for n in names])
 
@@ -115,9 +115,9 @@ def test_shipped_model_decodes_the_locked_latents_in_the_photos_own_colour(shipp
     plain = colour_error(shipped, photos)
     one = colour_error(shipped, photos, colour_lock=1)
     two = colour_error(shipped, photos, colour_lock=2)
-    assert (plain > 1.5).all(), plain
+    assert (plain > 1.5).sum() >= 3, plain  # a visible cast to correct
     assert (one <= 1.0).all() and (one < 0.3 * plain).all(), (plain, one)
-    assert (two <= 0.3).all(), two
+    assert (two <= 0.3).all() and (two <= one).all(), (one, two)
 
 
 def test_shipped_model_lock_applies_to_samples_and_tiles(shipped, photos):

@@ -108,7 +108,8 @@ class RemoteEncoder:
             return f"server: {exc}"
 
     def encode(self, loaded: list[Loaded]) -> list[torch.Tensor | str]:
-        futures = [self.pool.submit(self._call, lambda e=e: self.clients.get().encode(e.data, colour_lock=self.colour_lock))
+        lock = self.colour_lock
+        futures = [self.pool.submit(self._call, lambda e=e: self.clients.get().encode(e.data, colour_lock=lock))
                    for e in loaded]
         return [f.result() for f in futures]
 

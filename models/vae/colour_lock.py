@@ -51,7 +51,8 @@ def probe_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     return (min(PROBE_SIDE, -(-height // multiple) * multiple), min(PROBE_SIDE, -(-width // multiple) * multiple))
 
 
-def jacobians(encode: Callable, decode: Callable, x: torch.Tensor, multiple: int, scaling_factor: float) -> torch.Tensor:
+def jacobians(encode: Callable, decode: Callable, x: torch.Tensor, multiple: int,
+              scaling_factor: float) -> torch.Tensor:
     """`J` (N, 3, C): for each image of `x` (N, 3, H, W in [-1, 1]), the change of its decoded mean
     colour per unit shift of each scaled latent channel, measured by central differences on the
     image shrunk to `probe_size` (area average; one encode and 2 C decodes of N probes), for the
